@@ -1,0 +1,330 @@
+"""Pipeline and device configuration: strict TOML into frozen dataclasses.
+
+Every table in a TOML file maps to one dataclass below. Unknown keys, wrong types and
+values outside a field's ``choices`` are errors naming the file, the dotted key and what is
+allowed. No TensorFlow import happens here, so a bad file fails in milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeqat.errors import ConfigError
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+PIPELINES_DIR = PACKAGE_ROOT / "pipelines"
+DEVICES_DIR = PACKAGE_ROOT / "devices"
+DEFAULT_PIPELINE = PIPELINES_DIR / "digits_dscnn.toml"
+DEFAULT_DEVICE = DEVICES_DIR / "local_cpu.toml"
+
+
+def choice(default: Any, choices: tuple, doc: str = "") -> Any:
+    """A dataclass field whose value must be one of ``choices``."""
+    return field(default=default, metadata={"choices": choices, "doc": doc})
+
+
+# ---------------------------------------------------------------------------- pipeline
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training and evaluation data come from."""
+
+    name: str = choice("digits", ("digits", "mnist1d", "npz"))
+    path: str | None = None  # .npz with x_train, y_train, x_test, y_test (name = "npz")
+    calibration_samples: int = 500  # representative samples for PTQ calibration
+    eval_samples: int = 0  # 0: the whole test split
+    validation_fraction: float = 0.1  # held out of x_train for early checks
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The float model: a built-in builder, a ``module:function``, or a saved Keras file."""
+
+    builder: str = "dscnn"
+    path: str | None = None  # a saved tf_keras model (.keras, .h5 or SavedModel dir)
+    epochs: int = 20  # float training epochs (0 with `path`: use the model as it is)
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """One policy rule: layers it matches, and how they are quantized. First match wins."""
+
+    layers: str = ".*"  # regex, full match on the layer name
+    classes: str = ".*"  # regex, full match on the layer class name
+    scheme: str = "default_int8"
+    weight_bits: int = 8
+    activation_bits: int = 8
+    weight_quantizer: str = choice("per_channel", ("per_channel", "per_tensor", "lsq"))
+    activation_quantizer: str = choice(
+        "moving_average", ("moving_average", "relu6", "pact", "lsq", "percentile", "mse")
+    )
+    float: bool = False  # leave the matched layers in float (breaks full-integer export)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Ordered rules; layers no rule matches get the default rule."""
+
+    rules: tuple[RuleConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class QatConfig:
+    """Quantization-aware fine-tuning."""
+
+    epochs: int = 4
+    batch_size: int = 64
+    learning_rate: float = 2e-4  # a fraction of the float rate
+    warmup_fraction: float = 0.1  # linear learning-rate warm-up, share of QAT steps
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """TFLite conversion."""
+
+    mode: str = choice("int8", ("int8", "int16x8", "int4_weights"))
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """Validation thresholds and latency measurement."""
+
+    max_accuracy_drop: float = 0.005  # QAT int8 vs float, same evaluation set (fraction)
+    latency_runs: int = 50
+    warmup_runs: int = 5
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """A whole pipeline: data, model, policy, QAT, conversion, validation."""
+
+    name: str = "pipeline"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    policy: PolicyConfig = PolicyConfig()
+    qat: QatConfig = QatConfig()
+    convert: ConvertConfig = ConvertConfig()
+    validate: ValidateConfig = ValidateConfig()
+    source: str = ""  # the file it was read from (set by the loader)
+
+
+# ---------------------------------------------------------------------------- device
+
+
+@dataclass(frozen=True)
+class ConnectionConfig:
+    """How to reach the device."""
+
+    kind: str = choice("local", ("local", "ssh", "adb", "qemu"))
+    host: str | None = None  # ssh: [user@]host or an alias from ~/.ssh/config
+    port: int | None = None
+    serial: str | None = None  # adb: device serial
+    python: str = "python3"  # interpreter on the device
+    workdir: str = "/tmp/edgeqat"  # scratch directory on the device
+    retries: int = 3
+    timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """A device profile: hardware, runtime, delegate, threads, and how to reach it."""
+
+    name: str = "local_cpu"
+    description: str = ""
+    runtime: str = choice("ai_edge_litert", ("ai_edge_litert", "tflite_runtime", "tensorflow"))
+    delegate: str = choice("xnnpack", ("xnnpack", "edgetpu", "gpu", "none"))
+    num_threads: int = 1
+    allow_cpu_fallback: bool = False  # a missing delegate falls back to CPU (and says so)
+    connection: ConnectionConfig = ConnectionConfig()
+    source: str = ""
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return {"str": "a string", "int": "an integer", "float": "a number",
+                "bool": "true or false"}.get(tp.__name__, tp.__name__)
+    return str(tp)
+
+
+def _convert(value: Any, tp: Any, where: str, file: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(value, args[0], where, file)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{file}: [{where}] must be a table")
+        return _from_table(tp, value, where, file)
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{file}: {where} must be a list (array of tables: [[{where}]])")
+        return tuple(_convert(v, item_tp, f"{where}[{i}]", file) for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{file}: {where} = {value!r} must be true or false")
+    if tp in (int, str, float) and (not isinstance(value, tp) or isinstance(value, bool)):
+        raise ConfigError(f"{file}: {where} = {value!r} must be {_type_name(tp)}")
+    return value
+
+
+def _from_table(cls: type, table: dict, prefix: str, file: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    kwargs = {}
+    for key, value in table.items():
+        where = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            allowed = ", ".join(sorted(fields))
+            raise ConfigError(f"{file}: unknown key '{where}'; allowed here: {allowed}")
+        value = _convert(value, hints[key], where, file)
+        choices = fields[key].metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(
+                f"{file}: {where} = {value!r} is not one of: {', '.join(map(str, choices))}"
+            )
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _read_toml(path: str | Path, what: str) -> tuple[Path, dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} file not found; pass an existing .toml file")
+    try:
+        with path.open("rb") as f:
+            return path, tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: malformed TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 TOML file") from None
+
+
+def _resolve(path: str | None, base: Path) -> str | None:
+    if path is None or Path(path).is_absolute():
+        return path
+    return str((base.parent / path).resolve())
+
+
+def load_pipeline(path: str | Path = DEFAULT_PIPELINE) -> PipelineConfig:
+    """Reads a pipeline TOML file.
+
+    Relative paths inside it (``data.path``, ``model.path``) are relative to the file.
+
+    Raises:
+      ConfigError: the file is missing, malformed, or has a bad key or value.
+    """
+    path, table = _read_toml(path, "pipeline")
+    cfg = _from_table(PipelineConfig, table, "", str(path))
+    _check_pipeline(cfg, str(path))
+    return dataclasses.replace(
+        cfg,
+        source=str(path),
+        data=dataclasses.replace(cfg.data, path=_resolve(cfg.data.path, path)),
+        model=dataclasses.replace(cfg.model, path=_resolve(cfg.model.path, path)),
+    )
+
+
+def load_device(path: str | Path = DEFAULT_DEVICE) -> DeviceConfig:
+    """Reads a device profile TOML file.
+
+    Raises:
+      ConfigError: the file is missing, malformed, or has a bad key or value.
+    """
+    path, table = _read_toml(path, "device")
+    cfg = _from_table(DeviceConfig, table, "", str(path))
+    conn = cfg.connection
+    if conn.kind in ("ssh",) and not conn.host:
+        raise ConfigError(f"{path}: connection.host is required when connection.kind = 'ssh'")
+    if cfg.num_threads < 1:
+        raise ConfigError(f"{path}: num_threads = {cfg.num_threads} must be at least 1")
+    return dataclasses.replace(cfg, source=str(path))
+
+
+def _check_pipeline(cfg: PipelineConfig, file: str) -> None:
+    positive = {
+        "model.batch_size": cfg.model.batch_size,
+        "qat.batch_size": cfg.qat.batch_size,
+        "data.calibration_samples": cfg.data.calibration_samples,
+        "validate.latency_runs": cfg.validate.latency_runs,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{file}: {key} = {value} must be at least 1")
+    for key, value in {"model.epochs": cfg.model.epochs, "qat.epochs": cfg.qat.epochs}.items():
+        if value < 0:
+            raise ConfigError(f"{file}: {key} = {value} must be 0 or more")
+    if cfg.data.name == "npz" and not cfg.data.path:
+        raise ConfigError(f"{file}: data.path is required when data.name = 'npz'")
+    if not 0 <= cfg.validate.max_accuracy_drop <= 1:
+        raise ConfigError(f"{file}: validate.max_accuracy_drop must be a fraction in [0, 1]")
+    if not 0 <= cfg.data.validation_fraction < 1:
+        raise ConfigError(f"{file}: data.validation_fraction must be in [0, 1)")
+    for i, rule in enumerate(cfg.policy.rules):
+        for key in ("layers", "classes"):
+            try:
+                import re
+
+                re.compile(getattr(rule, key))
+            except re.error as e:
+                raise ConfigError(
+                    f"{file}: policy.rules[{i}].{key} is not a valid regex: {e}"
+                ) from None
+        for key in ("weight_bits", "activation_bits"):
+            bits = getattr(rule, key)
+            if not 2 <= bits <= 16:
+                raise ConfigError(f"{file}: policy.rules[{i}].{key} = {bits} must be 2..16")
+
+
+def to_toml(cfg: Any) -> str:
+    """Writes a config back as TOML (for the artifact directory and for reports)."""
+    lines: list[str] = []
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+
+    def emit(obj: Any, prefix: str, array: bool = False) -> None:
+        plain = []
+        nested = []
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if f.name == "source" or v is None:
+                continue
+            if dataclasses.is_dataclass(v) or (isinstance(v, tuple) and v and
+                                              dataclasses.is_dataclass(v[0])):
+                nested.append((f.name, v))
+            elif isinstance(v, tuple):
+                plain.append(f"{f.name} = [{', '.join(scalar(x) for x in v)}]")
+            else:
+                plain.append(f"{f.name} = {scalar(v)}")
+        if prefix:
+            lines.append(f"\n[[{prefix}]]" if array else f"\n[{prefix}]")
+        lines.extend(plain)
+        for name, v in nested:
+            key = f"{prefix}.{name}" if prefix else name
+            if isinstance(v, tuple):
+                for item in v:
+                    emit(item, key, array=True)
+            else:
+                emit(v, key)
+
+    emit(cfg, "")
+    return "\n".join(lines).lstrip() + "\n"
