@@ -1,0 +1,129 @@
+"""Datasets that need no download, a user's .npz, and the calibration split.
+
+Images are float32 NHWC in [0, 1]; MNIST-1D signals are float32 (N, 40, 1). Labels are
+int32 class indices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeqat.config import DataConfig
+from edgeqat.errors import UserError
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train / validation / test splits plus a calibration subset for PTQ."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    x_calib: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "train": len(self.x_train),
+            "validation": len(self.x_val),
+            "test": len(self.x_test),
+            "calibration": len(self.x_calib),
+        }
+
+
+def _digits(seed: int) -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0)[..., None]
+    y = d.target.astype(np.int32)
+    order = np.random.default_rng(seed).permutation(len(x))
+    x, y = x[order], y[order]
+    n_test = len(x) // 5  # 359 test images, stratification not needed at this size
+    return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
+
+
+def _mnist1d(seed: int) -> tuple[np.ndarray, ...]:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.seed = 42  # the paper's fixed dataset; `seed` only shuffles training order
+    d = make_dataset(args)  # generated locally; get_dataset() would download
+    x_train = d["x"].astype(np.float32)[..., None]
+    x_test = d["x_test"].astype(np.float32)[..., None]
+    return x_train, d["y"].astype(np.int32), x_test, d["y_test"].astype(np.int32)
+
+
+def _npz(path: str) -> tuple[np.ndarray, ...]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: data file not found (data.path); pass an existing .npz")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            missing = [k for k in NPZ_KEYS if k not in f.files]
+            if missing:
+                raise UserError(
+                    f"{p}: missing array(s) {', '.join(missing)}; an edgeqat .npz holds "
+                    f"{', '.join(NPZ_KEYS)}"
+                )
+            arrays = [f[k] for k in NPZ_KEYS]
+    except (ValueError, OSError) as e:
+        raise UserError(f"{p}: not a readable .npz file ({e})") from None
+    x_train, y_train, x_test, y_test = arrays
+    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
+        raise UserError(f"{p}: x and y lengths differ (x_train/y_train or x_test/y_test)")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise UserError(f"{p}: x_train and x_test have different sample shapes")
+    return (x_train.astype(np.float32), y_train.astype(np.int32).reshape(-1),
+            x_test.astype(np.float32), y_test.astype(np.int32).reshape(-1))
+
+
+def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
+    """Loads the dataset named by ``cfg`` and carves validation and calibration subsets.
+
+    Raises:
+      UserError: unknown dataset, or an unreadable / malformed .npz.
+    """
+    if cfg.name == "digits":
+        x_train, y_train, x_test, y_test = _digits(seed)
+    elif cfg.name == "mnist1d":
+        x_train, y_train, x_test, y_test = _mnist1d(seed)
+    elif cfg.name == "npz":
+        x_train, y_train, x_test, y_test = _npz(cfg.path or "")
+    else:
+        raise UserError(f"data.name = {cfg.name!r} is unknown; use digits, mnist1d or npz")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(x_train))
+    n_val = int(round(len(x_train) * cfg.validation_fraction))
+    val, train = order[:n_val], order[n_val:]
+    if cfg.eval_samples:
+        x_test, y_test = x_test[: cfg.eval_samples], y_test[: cfg.eval_samples]
+    calib = rng.permutation(train)[: cfg.calibration_samples]
+    num_classes = int(max(y_train.max(), y_test.max()) + 1)
+    return Dataset(
+        name=cfg.name,
+        x_train=x_train[train],
+        y_train=y_train[train],
+        x_val=x_train[val],
+        y_val=y_train[val],
+        x_test=x_test,
+        y_test=y_test,
+        x_calib=x_train[calib],
+        num_classes=num_classes,
+    )

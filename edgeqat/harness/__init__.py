@@ -1,0 +1,1 @@
+"""On-device validation: a standalone runner and the transports that carry it."""

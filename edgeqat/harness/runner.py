@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""Standalone TFLite runner: copy this one file to a device and run it there.
+
+Needs only numpy plus one of ai_edge_litert, tflite_runtime or tensorflow. It never
+imports edgeqat.
+
+    python3 runner.py --model m.tflite --inputs in.npz --result result.json \
+        [--outputs out.npz] [--runtime auto] [--delegate xnnpack] [--num_threads 1] \
+        [--warmup 5] [--runs 50]
+
+``in.npz`` holds ``x`` (float samples, batch first) and optionally ``y`` (labels).
+Float inputs are quantized with the model's input scale and zero point; outputs are
+dequantized. ``result.json`` holds the runtime and its version, the delegate actually
+applied, the CPU, the model's sha256 as read here, latency (min / median / p90 over
+``--runs`` invokes after ``--warmup``), and accuracy when labels are given. ``out.npz``
+holds ``outputs`` (dequantized float) and ``raw`` (as the model produced them).
+Exit status: 0 ok, 2 bad input, 3 runtime or delegate missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+RUNTIMES = ("ai_edge_litert", "tflite_runtime", "tensorflow")
+DELEGATES = ("xnnpack", "none", "edgetpu", "gpu")
+EDGETPU_LIBS = {"Linux": "libedgetpu.so.1", "Darwin": "libedgetpu.1.dylib",
+                "Windows": "edgetpu.dll"}
+GPU_LIBS = ("libtensorflowlite_gpu_delegate.so",)
+
+
+class RunnerError(Exception):
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def _import_runtime(name: str):
+    """Returns (module with Interpreter/load_delegate, runtime name, version)."""
+    names = RUNTIMES if name == "auto" else (name,)
+    errors = []
+    for n in names:
+        try:
+            if n == "ai_edge_litert":
+                from ai_edge_litert import interpreter as mod
+                import ai_edge_litert as pkg
+
+                version = getattr(pkg, "__version__", None) or _dist_version("ai-edge-litert")
+            elif n == "tflite_runtime":
+                from tflite_runtime import interpreter as mod
+                import tflite_runtime as pkg
+
+                version = getattr(pkg, "__version__", None) or _dist_version("tflite-runtime")
+            else:
+                import tensorflow as tf
+
+                mod, version = tf.lite, tf.__version__
+                if not hasattr(mod, "experimental"):
+                    raise ImportError("tensorflow has no tf.lite")
+            return mod, n, version
+        except Exception as e:  # an ImportError, or numpy ABI errors (tflite_runtime)
+            errors.append(f"{n}: {type(e).__name__}: {e}")
+    raise RunnerError("no TFLite runtime could be imported (" + "; ".join(errors) + ")", 3)
+
+
+def _dist_version(dist: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:
+        return "unknown"
+
+
+def _cpu() -> dict:
+    info = {"machine": platform.machine(), "system": platform.system(),
+            "python": platform.python_version(), "cores": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        for key in ("model name", "Hardware", "Model", "CPU part"):
+            for line in text.splitlines():
+                if line.split(":")[0].strip() == key:
+                    info[key.lower().replace(" ", "_")] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return info
+
+
+def _make_interpreter(mod, runtime: str, model: bytes, delegate: str, threads: int,
+                      device: str | None, allow_fallback: bool):
+    """Builds an interpreter with the requested delegate; returns (interp, applied, note)."""
+    if runtime == "tensorflow":
+        Interpreter, load_delegate = mod.Interpreter, mod.experimental.load_delegate
+        resolver = mod.experimental.OpResolverType
+    else:
+        Interpreter, load_delegate = mod.Interpreter, mod.load_delegate
+        resolver = mod.OpResolverType
+    kwargs = {"model_content": model, "num_threads": threads}
+    note = ""
+    if delegate in ("edgetpu", "gpu"):
+        if delegate == "edgetpu":
+            libs = [EDGETPU_LIBS.get(platform.system(), "libedgetpu.so.1")]
+            options = {"device": device} if device else {}
+        else:
+            libs, options = list(GPU_LIBS), {}
+        errors = []
+        for lib in libs:
+            try:
+                d = load_delegate(lib, options)
+                return Interpreter(experimental_delegates=[d], **kwargs), delegate, note
+            except (ValueError, OSError, RuntimeError) as e:
+                errors.append(f"{lib}: {e}")
+        message = (f"{delegate} delegate unavailable: " + "; ".join(errors) +
+                   (" (is the Edge TPU plugged in and libedgetpu installed?)"
+                    if delegate == "edgetpu" else ""))
+        if not allow_fallback:
+            raise RunnerError(message, 3)
+        note = message + "; fell back to the CPU (XNNPACK)"
+        delegate = "xnnpack"
+    if delegate == "none":
+        kwargs["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        return Interpreter(**kwargs), "none", note
+    return Interpreter(**kwargs), "xnnpack", note
+
+
+def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+    dtype = detail["dtype"]
+    if np.issubdtype(dtype, np.floating):
+        return x.astype(dtype)
+    scale, zero = detail["quantization"]
+    if scale == 0:
+        return x.astype(dtype)
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
+
+
+def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+    scale, zero = detail["quantization"]
+    if np.issubdtype(y.dtype, np.floating) or scale == 0:
+        return y.astype(np.float32)
+    return ((y.astype(np.float32) - zero) * scale).astype(np.float32)
+
+
+def _percentiles(times: list[float]) -> dict:
+    t = np.asarray(times) * 1e3
+    return {"min_ms": float(t.min()), "median_ms": float(np.median(t)),
+            "p90_ms": float(np.percentile(t, 90)), "mean_ms": float(t.mean()),
+            "runs": len(times)}
+
+
+def run(args: argparse.Namespace) -> dict:
+    try:
+        with open(args.model, "rb") as f:
+            model = f.read()
+    except OSError as e:
+        raise RunnerError(f"{args.model}: cannot read model ({e.strerror})") from None
+    sha = hashlib.sha256(model).hexdigest()
+    if args.expect_sha256 and args.expect_sha256 != sha:
+        raise RunnerError(f"{args.model}: sha256 on the device is {sha}, host sent "
+                          f"{args.expect_sha256}; refusing a corrupted or different model")
+    try:
+        with np.load(args.inputs, allow_pickle=False) as f:
+            x = f["x"]
+            y = f["y"] if "y" in f.files else None
+    except (OSError, KeyError, ValueError) as e:
+        raise RunnerError(f"{args.inputs}: needs an .npz with array 'x' ({e})") from None
+
+    mod, runtime, version = _import_runtime(args.runtime)
+    try:
+        interp, applied, note = _make_interpreter(
+            mod, runtime, model, args.delegate, args.num_threads, args.device,
+            args.allow_cpu_fallback)
+        interp.allocate_tensors()
+    except RunnerError:
+        raise
+    except (ValueError, RuntimeError) as e:
+        raise RunnerError(f"{args.model}: the interpreter refused the model: {e}", 3) from None
+    inp = interp.get_input_details()[0]
+    outs = interp.get_output_details()
+    if tuple(inp["shape"][1:]) != tuple(x.shape[1:]):
+        raise RunnerError(f"{args.inputs}: samples have shape {list(x.shape[1:])}, the model "
+                          f"expects {list(inp['shape'][1:])}")
+
+    def invoke(sample: np.ndarray) -> list[np.ndarray]:
+        interp.set_tensor(inp["index"], sample)
+        interp.invoke()
+        return [interp.get_tensor(o["index"]) for o in outs]
+
+    xq = _quantize(x, inp)
+    raw = [np.concatenate(r) for r in zip(*(invoke(xq[i:i + 1]) for i in range(len(xq))))]
+    outputs = [_dequantize(r, o) for r, o in zip(raw, outs)]
+
+    for i in range(args.warmup):
+        invoke(xq[i % len(xq): i % len(xq) + 1])
+    times = []
+    for i in range(args.runs):
+        s = xq[i % len(xq): i % len(xq) + 1]
+        t0 = time.perf_counter()
+        invoke(s)
+        times.append(time.perf_counter() - t0)
+
+    result = {
+        "model": os.path.basename(args.model),
+        "model_sha256": sha,
+        "model_bytes": len(model),
+        "runtime": runtime,
+        "runtime_version": version,
+        "delegate_requested": args.delegate,
+        "delegate_applied": applied,
+        "delegate_note": note,
+        "num_threads": args.num_threads,
+        "cpu": _cpu(),
+        "samples": int(len(x)),
+        "input": {"dtype": np.dtype(inp["dtype"]).name, "shape": [int(s) for s in inp["shape"]],
+                  "scale": float(inp["quantization"][0]),
+                  "zero_point": int(inp["quantization"][1])},
+        "outputs": [{"dtype": np.dtype(o["dtype"]).name, "shape": [int(s) for s in o["shape"]],
+                     "scale": float(o["quantization"][0]),
+                     "zero_point": int(o["quantization"][1])} for o in outs],
+        "latency": _percentiles(times),
+    }
+    if y is not None:
+        pred = outputs[0].reshape(len(x), -1).argmax(-1)
+        result["accuracy"] = float((pred == y.reshape(-1)).mean())
+    if args.outputs:
+        tmp = args.outputs + ".tmp.npz"
+        np.savez(tmp, outputs=outputs[0], raw=raw[0])
+        os.replace(tmp, args.outputs)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--inputs", required=True)
+    p.add_argument("--result", required=True, help="JSON file to write")
+    p.add_argument("--outputs", help="optional .npz of model outputs")
+    p.add_argument("--runtime", default="auto", choices=("auto",) + RUNTIMES)
+    p.add_argument("--delegate", default="xnnpack", choices=DELEGATES)
+    p.add_argument("--device", default=None, help="Edge TPU device, e.g. usb or pci:0")
+    p.add_argument("--num_threads", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--expect_sha256", default=None)
+    p.add_argument("--allow_cpu_fallback", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        result = run(args)
+    except RunnerError as e:
+        print(f"runner: {e}", file=sys.stderr)
+        return e.code
+    tmp = args.result + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, args.result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
