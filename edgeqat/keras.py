@@ -6,13 +6,46 @@ set before TensorFlow is first imported. Every other module imports ``tf``, ``ke
 """
 
 import os
+import re
+import sys
+import tempfile
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import tensorflow as tf  # noqa: E402
-import tensorflow_model_optimization as tfmot  # noqa: E402
-import tf_keras as keras  # noqa: E402
+# TensorFlow's C++ start-up lines (no CUDA driver, CPU features, absl pre-init notice)
+# ignore TF_CPP_MIN_LOG_LEVEL. They are caught during the import and dropped; any other
+# line written to stderr meanwhile is passed on.
+_NOISE = re.compile(r"cudart_stub|cuda_platform|cuda_dnn|cuda_fft|cuda_blas|cpu_feature_guard|"
+                    r"absl::InitializeLog|rebuild TensorFlow with the appropriate|"
+                    r"computation placer|oneDNN custom operations")
+
+
+def _import_quietly():
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (embedded interpreters, some notebooks)
+        saved = None
+    with tempfile.TemporaryFile(mode="w+b") as caught:
+        if saved is not None:
+            os.dup2(caught.fileno(), 2)
+        try:
+            import tensorflow
+            import tensorflow_model_optimization
+            import tf_keras
+        finally:
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
+                caught.seek(0)
+                for line in caught.read().decode(errors="replace").splitlines(keepends=True):
+                    if not _NOISE.search(line):
+                        sys.stderr.write(line)
+    return tensorflow, tensorflow_model_optimization, tf_keras
+
+
+tf, tfmot, keras = _import_quietly()
 
 tf.get_logger().setLevel("ERROR")  # TensorFlow's own INFO lines drown edgeqat's stage log
 

@@ -29,7 +29,7 @@ def build_report(cfg: PipelineConfig, device: DeviceConfig, data: dict, trained,
            for name, r in m.items()}
     return {
         "edgeqat_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "pipeline": {"name": cfg.name, "source": cfg.source, "seed": cfg.seed, "mode": mode},
         "device": validation.device | {"profile_source": device.source},
         "data": data,

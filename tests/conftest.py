@@ -31,8 +31,8 @@ calibration_samples = 64
 eval_samples = 120
 [model]
 builder = "dscnn"
-epochs = 3
-batch_size = 64
+epochs = 6
+batch_size = 32
 learning_rate = 5e-3
 [qat]
 epochs = 1

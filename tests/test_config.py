@@ -32,7 +32,8 @@ def test_defaults_exist():
     "text, message",
     [
         ("[data]\nnme = 'digits'\n", "unknown key 'data.nme'; allowed here: calibration_samples"),
-        ("[data]\nname = 'imagenet'\n", "data.name = 'imagenet' is not one of: digits, mnist1d, npz"),
+        ("[data]\nname = 'imagenet'\n",
+         "data.name = 'imagenet' is not one of: digits, mnist1d, npz"),
         ("seed = 'one'\n", "seed = 'one' must be an integer"),
         ("[qat]\nepochs = 1.5\n", "qat.epochs = 1.5 must be an integer"),
         ("[qat]\nepochs = -1\n", "qat.epochs = -1 must be 0 or more"),

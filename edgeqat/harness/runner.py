@@ -49,13 +49,13 @@ def _import_runtime(name: str):
     for n in names:
         try:
             if n == "ai_edge_litert":
-                from ai_edge_litert import interpreter as mod
                 import ai_edge_litert as pkg
+                from ai_edge_litert import interpreter as mod
 
                 version = getattr(pkg, "__version__", None) or _dist_version("ai-edge-litert")
             elif n == "tflite_runtime":
-                from tflite_runtime import interpreter as mod
                 import tflite_runtime as pkg
+                from tflite_runtime import interpreter as mod
 
                 version = getattr(pkg, "__version__", None) or _dist_version("tflite-runtime")
             else:
@@ -196,8 +196,9 @@ def run(args: argparse.Namespace) -> dict:
         return [interp.get_tensor(o["index"]) for o in outs]
 
     xq = _quantize(x, inp)
-    raw = [np.concatenate(r) for r in zip(*(invoke(xq[i:i + 1]) for i in range(len(xq))))]
-    outputs = [_dequantize(r, o) for r, o in zip(raw, outs)]
+    per_sample = [invoke(xq[i:i + 1]) for i in range(len(xq))]
+    raw = [np.concatenate(r) for r in zip(*per_sample)]  # noqa: B905 (runs on Python 3.9)
+    outputs = [_dequantize(r, o) for r, o in zip(raw, outs)]  # noqa: B905
 
     for i in range(args.warmup):
         invoke(xq[i % len(xq): i % len(xq) + 1])
@@ -220,7 +221,8 @@ def run(args: argparse.Namespace) -> dict:
         "num_threads": args.num_threads,
         "cpu": _cpu(),
         "samples": int(len(x)),
-        "input": {"dtype": np.dtype(inp["dtype"]).name, "shape": [int(s) for s in inp["shape"]],
+        "input": {"dtype": np.dtype(inp["dtype"]).name,
+                  "shape": [int(s) for s in inp["shape"]],
                   "scale": float(inp["quantization"][0]),
                   "zero_point": int(inp["quantization"][1])},
         "outputs": [{"dtype": np.dtype(o["dtype"]).name, "shape": [int(s) for s in o["shape"]],

@@ -1,0 +1,43 @@
+"""A tiny pipeline, end to end, through the real converter and the real LiteRT runner."""
+
+import json
+import tomllib
+
+import pytest
+
+from edgeqat import inspect
+from tests.test_cli import run_cli
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_end_to_end(tiny_pipeline, tmp_path):
+    out = tmp_path / "run"
+    p = run_cli("--pipeline", str(tiny_pipeline), "--output_dir", str(out), "--seed", "2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    for stage in ("data", "float", "ptq", "annotate", "qat", "convert", "validate"):
+        assert f"stage {stage} done in" in p.stderr
+    names = {f.name for f in out.iterdir()}
+    assert {"report.json", "report.md", "float.tflite", "ptq_int8.tflite", "qat_int8.tflite",
+            "qat_model.h5", "pipeline.toml", "device.toml"} <= names
+    r = json.loads((out / "report.json").read_text())
+    acc = r["accuracy"]
+    assert set(acc) == {"float_keras", "float_tflite", "ptq_int8", "qat_keras", "qat_int8"}
+    assert all(0.0 <= v <= 1.0 for v in acc.values())
+    assert acc["float_keras"] > 0.5  # 6 epochs on digits learn something
+    assert abs(acc["float_tflite"] - acc["float_keras"]) <= 1 / 120 + 1e-9
+    assert r["data"]["test"] == 120
+    assert r["ops"]["full_integer"] is True
+    qat = (out / "qat_int8.tflite").read_bytes()
+    assert inspect.float_ops(qat) == []
+    assert r["size_bytes"]["qat_int8"] == len(qat)
+    assert r["size_bytes"]["qat_int8"] < r["size_bytes"]["float"]
+    assert r["agreement"]["qat_int8"]["top1"] >= 0.95
+    for name in ("float", "ptq_int8", "qat_int8"):
+        lat = r["latency"][name]
+        assert lat["runs"] == 5 and 0 < lat["median_ms"] <= lat["p90_ms"]
+    assert r["pipeline"]["seed"] == 2
+    # the copied pipeline reproduces the run, overrides included
+    assert tomllib.loads((out / "pipeline.toml").read_text())["seed"] == 2
+    md = (out / "report.md").read_text()
+    assert "| QAT int8 |" in md and "fully integer" in md
+    assert not list(tmp_path.glob(".run*"))
