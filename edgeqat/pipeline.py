@@ -31,14 +31,19 @@ from edgeqat.config import (
 from edgeqat.errors import UserError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("pipeline", str(DEFAULT_PIPELINE),
-                    "Pipeline TOML file, or the name of one in pipelines/.")
-flags.DEFINE_string("device", str(DEFAULT_DEVICE),
-                    "Device profile TOML file, or the name of one in devices/.")
-flags.DEFINE_string("output_dir", None, "Where artifacts go (default runs/<pipeline name>).")
-flags.DEFINE_integer("epochs", None, "Override qat.epochs.")
-flags.DEFINE_integer("float_epochs", None, "Override model.epochs (float training).")
-flags.DEFINE_integer("seed", None, "Override the pipeline seed.")
+
+
+def _define_flags() -> None:
+    """CLI flags, defined when the CLI starts (not on import, so others can import run())."""
+    flags.DEFINE_string("pipeline", str(DEFAULT_PIPELINE),
+                        "Pipeline TOML file, or the name of one in pipelines/.")
+    flags.DEFINE_string("device", str(DEFAULT_DEVICE),
+                        "Device profile TOML file, or the name of one in devices/.")
+    flags.DEFINE_string("output_dir", None,
+                        "Where artifacts go (default runs/<pipeline name>).")
+    flags.DEFINE_integer("epochs", None, "Override qat.epochs.")
+    flags.DEFINE_integer("float_epochs", None, "Override model.epochs (float training).")
+    flags.DEFINE_integer("seed", None, "Override the pipeline seed.")
 
 
 @dataclass(frozen=True)
@@ -197,6 +202,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def entry() -> None:
+    _define_flags()
     warnings.filterwarnings("ignore", message=".*HDF5 file.*")
     app.run(main, flags_parser=_parse_flags)
 
