@@ -8,6 +8,7 @@ allowed. No TensorFlow import happens here, so a bad file fails in milliseconds.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -277,8 +278,6 @@ def _check_pipeline(cfg: PipelineConfig, file: str) -> None:
     for i, rule in enumerate(cfg.policy.rules):
         for key in ("layers", "classes"):
             try:
-                import re
-
                 re.compile(getattr(rule, key))
             except re.error as e:
                 raise ConfigError(
