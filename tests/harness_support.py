@@ -148,9 +148,9 @@ class LocalSshd:
 
 def sshd_or_skip(root: Path) -> LocalSshd:
     if not Path(SSHD).exists():
-        pytest.skip(f"no {SSHD}; install it with: {SSHD_INSTALL}")
+        skip_or_fail(f"no {SSHD}; install it with: {SSHD_INSTALL}")
     if not shutil.which("ssh-keygen"):
-        pytest.skip("no ssh-keygen (openssh-client)")
+        skip_or_fail(f"no ssh-keygen; install it with: {SSHD_INSTALL}")
     server = LocalSshd(root)
     server.start()
     return server
@@ -229,3 +229,27 @@ def fake_adb(bin_dir: Path, root: Path) -> tuple[Path, Path]:
     adb.write_text(FAKE_ADB.format(python=sys.executable, state=str(state), log=str(log)))
     adb.chmod(0o755)
     return state, log
+
+
+# ------------------------------------------------------------------------------ skips
+
+REQUIRE_ENV = "EDGEQAT_REQUIRE_DEVICE_TESTS"
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skips with ``reason``; fails instead when CI sets EDGEQAT_REQUIRE_DEVICE_TESTS=1."""
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{reason} (and {REQUIRE_ENV}=1 forbids skipping)")
+    pytest.skip(reason)
+
+
+def emulated_sysroot() -> Path:
+    """Builds (or reuses) the aarch64 sysroot; skips with the reason when it cannot."""
+    from edgeqat.harness import qemu
+
+    if not shutil.which(qemu.QEMU):
+        skip_or_fail(f"{qemu.QEMU} not installed ({qemu.INSTALL_HINT})")
+    try:
+        return qemu.setup(log=lambda line: None)
+    except qemu.QemuError as e:
+        skip_or_fail(f"cannot set up the emulated Raspberry Pi: {e}")
