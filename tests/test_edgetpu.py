@@ -85,8 +85,8 @@ def test_float_model_runs_nothing_on_the_tpu():
 
 def test_schema_level_limits():
     """Build flatbuffers directly with the schema's object API to hit specific limits."""
-    from ai_edge_litert import schema_py_generated as s
     import flatbuffers
+    from ai_edge_litert import schema_py_generated as s
 
     def build(shape, dtype, signature=None, fused=0, op=s.BuiltinOperator.MAX_POOL_2D):
         m = s.ModelT()

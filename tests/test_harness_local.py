@@ -17,8 +17,13 @@ from edgeqat.config import DEVICES_DIR, load_device
 from edgeqat.errors import UserError
 from edgeqat.harness import transports
 from edgeqat.harness.compare import compare_runs
-from edgeqat.harness.device import (RUNNER, DeviceError, DeviceUnreachable, run_on_device,
-                                    runner_failure)
+from edgeqat.harness.device import (
+    RUNNER,
+    DeviceError,
+    DeviceUnreachable,
+    run_on_device,
+    runner_failure,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +39,7 @@ def _host_accuracy(model) -> float:
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
     scale, zero = inp["quantization"]
     hits = 0
-    for xi, yi in zip(model.x, model.y):
+    for xi, yi in zip(model.x, model.y, strict=True):
         q = np.clip(np.round(xi / scale + zero), -128, 127).astype(np.int8)[None]
         interp.set_tensor(inp["index"], q)
         interp.invoke()

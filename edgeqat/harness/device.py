@@ -148,7 +148,8 @@ def _prepare_model(device: DeviceConfig, name: str, path: Path, tmp: Path) -> tu
     if edgetpu.is_compiled(data):
         return path, ""
     if shutil.which("edgetpu_compiler"):
-        return edgetpu.compile_model(path, tmp / f"edgetpu-{name}"), "compiled with edgetpu_compiler"
+        compiled = edgetpu.compile_model(path, tmp / f"edgetpu-{name}")
+        return compiled, "compiled with edgetpu_compiler"
     note = (f"model '{name}' is not compiled for the Edge TPU and edgetpu_compiler is not on "
             "PATH")
     if not device.allow_cpu_fallback:

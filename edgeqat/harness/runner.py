@@ -52,13 +52,13 @@ def _import_runtime(name: str):
     for n in names:
         try:
             if n == "ai_edge_litert":
-                from ai_edge_litert import interpreter as mod
                 import ai_edge_litert as pkg
+                from ai_edge_litert import interpreter as mod
 
                 version = getattr(pkg, "__version__", None) or _dist_version("ai-edge-litert")
             elif n == "tflite_runtime":
-                from tflite_runtime import interpreter as mod
                 import tflite_runtime as pkg
+                from tflite_runtime import interpreter as mod
 
                 version = getattr(pkg, "__version__", None) or _dist_version("tflite-runtime")
             else:
