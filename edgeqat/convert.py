@@ -64,7 +64,11 @@ def to_tflite(model: keras.Model, mode: str = "int8", *,
         ]
         converter.inference_input_type = converter.inference_output_type = tf.int16
     else:
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if not qat:
+            # A QAT graph carries its ranges in FakeQuant ops; naming the INT8 op set would
+            # make the converter demand calibration data it does not use. Full integer is
+            # proven afterwards by inspect.require_full_integer instead.
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = converter.inference_output_type = tf.int8
     if mode == "int4_weights":
         converter._experimental_low_bit_qat = True

@@ -14,6 +14,8 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
+tf.get_logger().setLevel("ERROR")  # TensorFlow's own INFO lines drown edgeqat's stage log
+
 __all__ = ["tf", "keras", "tfmot", "require_keras2"]
 
 

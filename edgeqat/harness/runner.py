@@ -225,7 +225,7 @@ def run(args: argparse.Namespace) -> dict:
     outs = interp.get_output_details()
     if tuple(inp["shape"][1:]) != tuple(x.shape[1:]):
         raise RunnerError(f"{args.inputs}: samples have shape {list(x.shape[1:])}, the model "
-                          f"expects {list(inp['shape'][1:])}")
+                          f"expects {[int(s) for s in inp['shape'][1:]]}")
 
     def invoke(sample: np.ndarray) -> list[np.ndarray]:
         interp.set_tensor(inp["index"], sample)
