@@ -74,6 +74,7 @@ def test_coral_usb_without_a_tpu_fails_with_one_line(model):
     assert "\n" not in message
     assert "coral_usb" in message
     assert "delegate library libedgetpu.so.1 or the Edge TPU device 'usb' is missing" in message
+    assert "edgetpu delegate unavailable" in message
 
 
 def test_coral_usb_with_cpu_fallback_runs_and_records_it(model):
@@ -88,13 +89,13 @@ def test_coral_usb_with_cpu_fallback_runs_and_records_it(model):
 
 def test_gpu_delegate_missing_is_one_line_or_recorded_fallback(model):
     gpu = dataclasses.replace(local_device(), delegate="gpu")
-    with pytest.raises(DeviceError, match="GPU delegate unavailable") as err:
+    with pytest.raises(DeviceError, match="gpu delegate unavailable") as err:
         run_on_device(gpu, {"m": model.path}, model.x[:4], warmup=0, runs=1)
     assert "\n" not in str(err.value)
     runs = run_on_device(dataclasses.replace(gpu, allow_cpu_fallback=True), {"m": model.path},
                          model.x[:4], warmup=0, runs=1)
     assert runs["m"].delegate_applied == "xnnpack"
-    assert "GPU delegate unavailable" in runs["m"].info["delegate_note"]
+    assert "gpu delegate unavailable" in runs["m"].info["delegate_note"]
 
 
 def test_no_delegate_and_thread_count_reach_the_runner(model):

@@ -101,11 +101,11 @@ def _cpu() -> dict:
 def _delegate_missing(delegate: str, lib_errors: list[str], device: str | None) -> str:
     detail = "; ".join(lib_errors)
     if delegate == "edgetpu":
-        return (f"Edge TPU delegate unavailable: the delegate library "
+        return (f"edgetpu delegate unavailable: the Edge TPU delegate library "
                 f"{EDGETPU_LIBS.get(platform.system(), 'libedgetpu.so.1')} or the Edge TPU "
                 f"device{' ' + repr(device) if device else ''} is missing ({detail}); install "
                 "libedgetpu1-std and plug in the accelerator, or allow CPU fallback")
-    return (f"GPU delegate unavailable: no GPU delegate library ({', '.join(GPU_LIBS)}) could "
+    return (f"gpu delegate unavailable: no GPU delegate library ({', '.join(GPU_LIBS)}) could "
             f"be loaded by this runtime ({detail}); use a runtime build with the GPU "
             "delegate, or allow CPU fallback")
 
