@@ -120,6 +120,9 @@ class _Session:
             except TransportError as e:
                 last = e
                 self._drop()
+                if not e.retryable:
+                    raise DeviceUnreachable(f"device '{self.device.name}': {what} failed: "
+                                            f"{e}") from None
                 if k + 1 < attempts:
                     self.sleep(conn.retry_backoff_s * 2**k)
         raise DeviceUnreachable(f"device '{self.device.name}': {what} failed after {attempts} "

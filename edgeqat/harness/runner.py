@@ -233,8 +233,8 @@ def run(args: argparse.Namespace) -> dict:
         return [interp.get_tensor(o["index"]) for o in outs]
 
     xq = _quantize(x, inp)
-    raw = [np.concatenate(r) for r in zip(*(invoke(xq[i:i + 1]) for i in range(len(xq))))]
-    outputs = [_dequantize(r, o) for r, o in zip(raw, outs)]
+    raw = [np.concatenate(r) for r in zip(*(invoke(xq[i:i + 1]) for i in range(len(xq))))]  # noqa: B905 (3.9 devices)
+    outputs = [_dequantize(r, o) for r, o in zip(raw, outs)]  # noqa: B905
 
     for i in range(args.warmup):
         invoke(xq[i % len(xq): i % len(xq) + 1])

@@ -24,7 +24,21 @@ from edgeqat.errors import UserError
 
 
 class TransportError(UserError):
-    """The device could not be reached, or the connection dropped."""
+    """The device could not be reached, or the connection dropped.
+
+    ``retryable`` is False when trying again cannot help (an unknown or changed host key,
+    a refused login): the harness then fails at once instead of backing off.
+    """
+
+    def __init__(self, message: str, retryable: bool = True):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+# ssh's messages for failures that a retry cannot fix.
+SSH_FATAL = ("Host key verification failed", "REMOTE HOST IDENTIFICATION HAS CHANGED",
+             "Permission denied", "Could not resolve hostname", "Bad configuration option",
+             "Too many authentication failures")
 
 
 @dataclass
@@ -155,8 +169,11 @@ class SshTransport:
             raise TransportError(f"{self._where()}: {what} timed out after "
                                  f"{timeout_s:.0f} s") from None
         if p.returncode == 255:
+            fatal = [m for m in SSH_FATAL if m in p.stderr]
             raise TransportError(f"{self._where()}: {what} failed: "
-                                 f"{_last_line(p.stderr, 'connection lost')}")
+                                 f"{fatal[0] if fatal else _last_line(p.stderr, 'connection lost')}"
+                                 + ("; fix the ssh setup (keys, known_hosts, ~/.ssh/config)"
+                                    if fatal else ""), retryable=not fatal)
         return Completed(p.returncode, p.stdout, p.stderr)
 
     def _remote(self, path: str) -> str:
