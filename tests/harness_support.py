@@ -35,8 +35,21 @@ class Int8Model:
     y: np.ndarray
 
 
+_MODEL_CACHE: dict[str, Int8Model] = {}
+
+
 def build_int8_model(directory: Path) -> Int8Model:
-    """A small CNN trained for a few epochs on the 8x8 digits, PTQ to full int8."""
+    """A small CNN trained for a few epochs on the 8x8 digits, PTQ to full int8.
+
+    Built once per test process (the first caller's ``directory`` holds the file).
+    """
+    if "digits" in _MODEL_CACHE and _MODEL_CACHE["digits"].path.exists():
+        return _MODEL_CACHE["digits"]
+    _MODEL_CACHE["digits"] = _build_int8_model(directory)
+    return _MODEL_CACHE["digits"]
+
+
+def _build_int8_model(directory: Path) -> Int8Model:
     from edgeqat.config import DataConfig
     from edgeqat.convert import to_tflite
     from edgeqat.data import load_dataset
@@ -159,8 +172,8 @@ def sshd_or_skip(root: Path) -> LocalSshd:
 def dropping_python(root: Path, model_name: str, mode: str) -> tuple[Path, Path]:
     """A device-side "python" that drops the SSH connection when it runs ``model_name``.
 
-    mode "session": kills its own sshd session process once (the server stays up, so a
-    retry gets through). mode "server": kills every sshd above it, the listener included
+    mode "session": kills its own per-connection sshd processes once (the listener stays
+    up, so a retry gets through). mode "server": kills every sshd above it, the listener included
     (nothing can reconnect). Returns (wrapper, flag file); remove the flag to disarm.
     """
     flag = root / f"drop-{mode}"
@@ -182,7 +195,8 @@ def dropping_python(root: Path, model_name: str, mode: str) -> tuple[Path, Path]
                 if comm == "sshd":
                     victims.append(pid)
                 pid = ppid
-            for v in (victims[:1] if mode == "session" else victims):
+            # session: the per-connection sshd processes; server: the listener as well
+            for v in (victims[:-1] if mode == "session" else victims):
                 os.kill(v, 9)
             time.sleep(60)
         os.execv(sys.executable, [sys.executable] + sys.argv[1:])
