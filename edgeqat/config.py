@@ -124,16 +124,30 @@ class PipelineConfig:
 
 @dataclass(frozen=True)
 class ConnectionConfig:
-    """How to reach the device."""
+    """How to reach the device, and how hard to try.
+
+    ``ssh`` uses the system OpenSSH client (``ssh``/``scp``) with ``BatchMode=yes`` and the
+    user's ``~/.ssh/config`` and ``known_hosts``: host keys are always checked. ``adb``
+    uses the ``adb`` on PATH. ``qemu`` runs the runner in an emulated aarch64 userland on
+    this machine (``python -m edgeqat.harness.qemu setup`` builds it).
+    """
 
     kind: str = choice("local", ("local", "ssh", "adb", "qemu"))
     host: str | None = None  # ssh: [user@]host or an alias from ~/.ssh/config
-    port: int | None = None
-    serial: str | None = None  # adb: device serial
-    python: str = "python3"  # interpreter on the device
+    port: int | None = None  # ssh: overrides the ssh config's port
+    identity_file: str | None = None  # ssh: -i; default: the ssh config / agent
+    ssh_config: str | None = None  # ssh: -F FILE instead of ~/.ssh/config
+    ssh_options: tuple[str, ...] = ()  # ssh: extra "-o Key=Value" options, as "Key=Value"
+    connect_timeout_s: float = 10.0  # ssh: ConnectTimeout
+    serial: str | None = None  # adb: device serial (-s)
+    adb: str = "adb"  # adb: the adb executable
+    python: str = "python3"  # interpreter on the device (local/qemu: see below)
     workdir: str = "/tmp/edgeqat"  # scratch directory on the device
-    retries: int = 3
-    timeout_s: float = 600.0
+    cpu: str = "cortex-a72"  # qemu: QEMU_CPU (cortex-a72: Pi 4, cortex-a76: Pi 5)
+    sysroot: str | None = None  # qemu: default $EDGEQAT_SYSROOT or ~/.cache/edgeqat/...
+    retries: int = 3  # extra attempts after a dropped or refused connection
+    retry_backoff_s: float = 2.0  # first back-off; doubles each retry
+    timeout_s: float = 600.0  # one runner invocation
 
 
 @dataclass(frozen=True)
@@ -142,8 +156,11 @@ class DeviceConfig:
 
     name: str = "local_cpu"
     description: str = ""
-    runtime: str = choice("ai_edge_litert", ("ai_edge_litert", "tflite_runtime", "tensorflow"))
+    hardware: str = ""  # free text for reports, e.g. "Raspberry Pi 4 Model B, 4 GB"
+    runtime: str = choice(
+        "ai_edge_litert", ("auto", "ai_edge_litert", "tflite_runtime", "tensorflow"))
     delegate: str = choice("xnnpack", ("xnnpack", "edgetpu", "gpu", "none"))
+    delegate_device: str | None = None  # edgetpu: "usb", "usb:0", "pci:0"
     num_threads: int = 1
     allow_cpu_fallback: bool = False  # a missing delegate falls back to CPU (and says so)
     connection: ConnectionConfig = ConnectionConfig()
@@ -221,6 +238,13 @@ def _resolve(path: str | None, base: Path) -> str | None:
     return str((base.parent / path).resolve())
 
 
+def _resolve_user(path: str | None, base: Path) -> str | None:
+    """``~`` expands to the home directory; other relative paths are relative to the file."""
+    if path is None:
+        return None
+    return _resolve(str(Path(path).expanduser()), base)
+
+
 def load_pipeline(path: str | Path = DEFAULT_PIPELINE) -> PipelineConfig:
     """Reads a pipeline TOML file.
 
@@ -253,6 +277,19 @@ def load_device(path: str | Path = DEFAULT_DEVICE) -> DeviceConfig:
         raise ConfigError(f"{path}: connection.host is required when connection.kind = 'ssh'")
     if cfg.num_threads < 1:
         raise ConfigError(f"{path}: num_threads = {cfg.num_threads} must be at least 1")
+    if conn.retries < 0 or conn.retry_backoff_s < 0 or conn.timeout_s <= 0:
+        raise ConfigError(f"{path}: connection.retries and retry_backoff_s must be >= 0, "
+                          "timeout_s > 0")
+    for opt in conn.ssh_options:
+        if "=" not in opt or opt.startswith("-"):
+            raise ConfigError(f"{path}: connection.ssh_options entry {opt!r} must look like "
+                              "'Key=Value' (passed as -o Key=Value)")
+    if cfg.delegate_device and cfg.delegate != "edgetpu":
+        raise ConfigError(f"{path}: delegate_device applies only to delegate = 'edgetpu'")
+    cfg = dataclasses.replace(cfg, connection=dataclasses.replace(
+        conn, identity_file=_resolve_user(conn.identity_file, path),
+        ssh_config=_resolve_user(conn.ssh_config, path),
+        sysroot=_resolve_user(conn.sysroot, path)))
     return dataclasses.replace(cfg, source=str(path))
 
 

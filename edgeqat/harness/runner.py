@@ -6,7 +6,8 @@ imports edgeqat.
 
     python3 runner.py --model m.tflite --inputs in.npz --result result.json \
         [--outputs out.npz] [--runtime auto] [--delegate xnnpack] [--num_threads 1] \
-        [--warmup 5] [--runs 50]
+        [--warmup 5] [--runs 50] [--device usb] [--expect_sha256 HEX] [--allow_cpu_fallback]
+    python3 runner.py --probe [--runtime auto] [--delegate edgetpu] [--device usb]
 
 ``in.npz`` holds ``x`` (float samples, batch first) and optionally ``y`` (labels).
 Float inputs are quantized with the model's input scale and zero point; outputs are
@@ -14,7 +15,9 @@ dequantized. ``result.json`` holds the runtime and its version, the delegate act
 applied, the CPU, the model's sha256 as read here, latency (min / median / p90 over
 ``--runs`` invokes after ``--warmup``), and accuracy when labels are given. ``out.npz``
 holds ``outputs`` (dequantized float) and ``raw`` (as the model produced them).
-Exit status: 0 ok, 2 bad input, 3 runtime or delegate missing.
+``--probe`` only imports the runtime and loads the delegate, and prints JSON to stdout.
+Exit status: 0 ok, 2 bad input (including a sha256 mismatch), 3 runtime or delegate
+missing; a crash exits 1 with a traceback on stderr.
 """
 
 from __future__ import annotations
@@ -95,41 +98,75 @@ def _cpu() -> dict:
     return info
 
 
+def _delegate_missing(delegate: str, lib_errors: list[str], device: str | None) -> str:
+    detail = "; ".join(lib_errors)
+    if delegate == "edgetpu":
+        return (f"edgetpu delegate unavailable: the Edge TPU delegate library "
+                f"{EDGETPU_LIBS.get(platform.system(), 'libedgetpu.so.1')} or the Edge TPU "
+                f"device{' ' + repr(device) if device else ''} is missing ({detail}); install "
+                "libedgetpu1-std and plug in the accelerator, or allow CPU fallback")
+    return (f"gpu delegate unavailable: no GPU delegate library ({', '.join(GPU_LIBS)}) could "
+            f"be loaded by this runtime ({detail}); use a runtime build with the GPU "
+            "delegate, or allow CPU fallback")
+
+
+def _load_delegate(mod, runtime: str, delegate: str, device: str | None):
+    """Loads the Edge TPU or GPU delegate; raises RunnerError (code 3) if it cannot."""
+    load_delegate = mod.experimental.load_delegate if runtime == "tensorflow" else \
+        mod.load_delegate
+    if delegate == "edgetpu":
+        libs = [EDGETPU_LIBS.get(platform.system(), "libedgetpu.so.1")]
+        options = {"device": device} if device else {}
+    else:
+        libs, options = list(GPU_LIBS), {}
+    errors = []
+    for lib in libs:
+        try:
+            return load_delegate(lib, options)
+        except (ValueError, OSError, RuntimeError) as e:
+            errors.append(f"{lib}: {str(e).strip().splitlines()[0] if str(e).strip() else e}")
+    raise RunnerError(_delegate_missing(delegate, errors, device), 3)
+
+
 def _make_interpreter(mod, runtime: str, model: bytes, delegate: str, threads: int,
                       device: str | None, allow_fallback: bool):
     """Builds an interpreter with the requested delegate; returns (interp, applied, note)."""
     if runtime == "tensorflow":
-        Interpreter, load_delegate = mod.Interpreter, mod.experimental.load_delegate
+        Interpreter = mod.Interpreter
         resolver = mod.experimental.OpResolverType
     else:
-        Interpreter, load_delegate = mod.Interpreter, mod.load_delegate
+        Interpreter = mod.Interpreter
         resolver = mod.OpResolverType
     kwargs = {"model_content": model, "num_threads": threads}
     note = ""
     if delegate in ("edgetpu", "gpu"):
-        if delegate == "edgetpu":
-            libs = [EDGETPU_LIBS.get(platform.system(), "libedgetpu.so.1")]
-            options = {"device": device} if device else {}
-        else:
-            libs, options = list(GPU_LIBS), {}
-        errors = []
-        for lib in libs:
-            try:
-                d = load_delegate(lib, options)
-                return Interpreter(experimental_delegates=[d], **kwargs), delegate, note
-            except (ValueError, OSError, RuntimeError) as e:
-                errors.append(f"{lib}: {e}")
-        message = (f"{delegate} delegate unavailable: " + "; ".join(errors) +
-                   (" (is the Edge TPU plugged in and libedgetpu installed?)"
-                    if delegate == "edgetpu" else ""))
-        if not allow_fallback:
-            raise RunnerError(message, 3)
-        note = message + "; fell back to the CPU (XNNPACK)"
-        delegate = "xnnpack"
+        try:
+            d = _load_delegate(mod, runtime, delegate, device)
+            return Interpreter(experimental_delegates=[d], **kwargs), delegate, note
+        except RunnerError as e:
+            if not allow_fallback:
+                raise
+            note = f"{e}; fell back to the CPU (XNNPACK)"
+            delegate = "xnnpack"
     if delegate == "none":
         kwargs["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         return Interpreter(**kwargs), "none", note
     return Interpreter(**kwargs), "xnnpack", note
+
+
+def probe(args: argparse.Namespace) -> dict:
+    """Checks the runtime and delegate without a model (a cheap pre-flight)."""
+    mod, runtime, version = _import_runtime(args.runtime)
+    applied, note = args.delegate, ""
+    if args.delegate in ("edgetpu", "gpu"):
+        try:
+            _load_delegate(mod, runtime, args.delegate, args.device)
+        except RunnerError as e:
+            if not args.allow_cpu_fallback:
+                raise
+            applied, note = "xnnpack", f"{e}; fell back to the CPU (XNNPACK)"
+    return {"runtime": runtime, "runtime_version": version, "delegate_requested": args.delegate,
+            "delegate_applied": applied, "delegate_note": note, "cpu": _cpu()}
 
 
 def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
@@ -240,11 +277,25 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def _quiet_failed_delegates() -> None:
+    """A failed load_delegate leaves a half-built Delegate whose __del__ raises
+    AttributeError (ai_edge_litert 2.3, tflite_runtime 2.14); keep stderr to real errors."""
+    default = sys.unraisablehook
+
+    def hook(u):
+        if isinstance(u.exc_value, AttributeError) and "_library" in str(u.exc_value):
+            return
+        default(u)
+
+    sys.unraisablehook = hook
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_failed_delegates()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--inputs", required=True)
-    p.add_argument("--result", required=True, help="JSON file to write")
+    p.add_argument("--model")
+    p.add_argument("--inputs")
+    p.add_argument("--result", help="JSON file to write")
     p.add_argument("--outputs", help="optional .npz of model outputs")
     p.add_argument("--runtime", default="auto", choices=("auto",) + RUNTIMES)
     p.add_argument("--delegate", default="xnnpack", choices=DELEGATES)
@@ -254,8 +305,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--expect_sha256", default=None)
     p.add_argument("--allow_cpu_fallback", action="store_true")
+    p.add_argument("--probe", action="store_true",
+                   help="only check runtime and delegate; print JSON to stdout")
     args = p.parse_args(argv)
+    if not args.probe and not (args.model and args.inputs and args.result):
+        p.error("--model, --inputs and --result are required (unless --probe)")
     try:
+        if args.probe:
+            print(json.dumps(probe(args)))
+            return 0
         result = run(args)
     except RunnerError as e:
         print(f"runner: {e}", file=sys.stderr)

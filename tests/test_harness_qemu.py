@@ -1,0 +1,67 @@
+"""Acceptance: an int8 model on an emulated Raspberry Pi 4 (aarch64 Cortex-A72 under QEMU)
+gives the host's accuracy and the host's outputs.
+
+The fixture builds the sysroot on first use (``python -m edgeqat.harness.qemu setup`` does
+the same) and reuses the cache afterwards. It skips, saying why, only when qemu or the
+downloads are unavailable; CI sets EDGEQAT_REQUIRE_DEVICE_TESTS=1 so that a skip fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+from harness_support import build_int8_model, emulated_sysroot
+
+from edgeqat.config import DEVICES_DIR, load_device
+from edgeqat.harness import qemu
+from edgeqat.harness.compare import compare_runs
+from edgeqat.harness.device import run_on_device
+
+pytestmark = [pytest.mark.device, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def sysroot():
+    return emulated_sysroot()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return build_int8_model(tmp_path_factory.mktemp("model"))
+
+
+def test_setup_is_cached(sysroot):
+    assert qemu.is_ready(sysroot)
+    lines = []
+    assert qemu.setup(sysroot, log=lines.append) == sysroot
+    assert lines == [f"sysroot {sysroot} is ready (cached)"]
+    assert (sysroot / "proc" / "cpuinfo").read_text().count("CPU part\t: 0xd08") == 4
+
+
+def test_int8_model_on_emulated_rpi4_matches_the_host(sysroot, model):
+    emulated = load_device(DEVICES_DIR / "rpi4_emulated.toml")
+    host = load_device(DEVICES_DIR / "local_cpu.toml")
+    models = {"digits_int8": model.path}
+    pi = run_on_device(emulated, models, model.x, model.y, warmup=1, runs=3)["digits_int8"]
+    ref = run_on_device(host, models, model.x, model.y, warmup=1, runs=3)["digits_int8"]
+
+    assert pi.info["cpu"]["machine"] == "aarch64"
+    assert pi.info["cpu"]["cpu_part"] == "0xd08"  # Cortex-A72
+    assert pi.info["runtime"] == "ai_edge_litert" and pi.delegate_applied == "xnnpack"
+    assert pi.info["num_threads"] == 4
+    assert pi.info["model_sha256"] == ref.info["model_sha256"]
+    assert pi.accuracy == ref.accuracy
+    cmp = compare_runs(ref, pi)
+    assert cmp.top1_agreement == 1.0
+    assert cmp.max_abs_steps == 0, cmp  # with QEMU_CPU=cortex-a72, int8 is bit-exact
+    print(f"\nemulated rpi4 accuracy {pi.accuracy:.4f}, host {ref.accuracy:.4f}, "
+          f"{cmp.samples} samples, max diff {cmp.max_abs_steps} steps")
+
+
+def test_missing_sysroot_is_a_clear_error(tmp_path, model):
+    import dataclasses
+
+    device = load_device(DEVICES_DIR / "rpi4_emulated.toml")
+    device = dataclasses.replace(device, connection=dataclasses.replace(
+        device.connection, sysroot=str(tmp_path / "none")))
+    with pytest.raises(qemu.QemuError, match="python -m edgeqat.harness.qemu setup"):
+        run_on_device(device, {"m": model.path}, model.x[:2])
