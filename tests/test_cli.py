@@ -53,6 +53,6 @@ def test_bad_model(write_toml, tmp_path, toml, fragments):
 def test_bad_device_and_flags(tmp_path, write_toml):
     dev = write_toml("runtime = 'onnx'\n", "dev.toml")
     p = run_cli("--device", str(dev), "--output_dir", str(tmp_path / "o"))
-    _assert_one_line_error(p, "dev.toml: runtime = 'onnx' is not one of: ai_edge_litert")
+    _assert_one_line_error(p, "dev.toml: runtime = 'onnx' is not one of: auto, ai_edge_litert")
     _assert_one_line_error(run_cli("--epoch", "3"), "Unknown command line flag 'epoch'")
     _assert_one_line_error(run_cli("stray"), "unexpected argument 'stray'")

@@ -6,10 +6,10 @@ import os
 import sys
 
 import pytest
-from harness_support import build_int8_model, fake_adb
 
 from edgeqat.config import ConnectionConfig, DeviceConfig
 from edgeqat.harness.device import DeviceUnreachable, run_on_device
+from tests.harness_support import build_int8_model, fake_adb
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness_support import build_int8_model, local_device
 
 from edgeqat.config import DEVICES_DIR, load_device
 from edgeqat.errors import UserError
@@ -24,6 +23,7 @@ from edgeqat.harness.device import (
     run_on_device,
     runner_failure,
 )
+from tests.harness_support import build_int8_model, local_device
 
 
 @pytest.fixture(scope="module")

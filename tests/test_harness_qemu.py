@@ -9,12 +9,12 @@ downloads are unavailable; CI sets EDGEQAT_REQUIRE_DEVICE_TESTS=1 so that a skip
 from __future__ import annotations
 
 import pytest
-from harness_support import build_int8_model, emulated_sysroot
 
 from edgeqat.config import DEVICES_DIR, load_device
 from edgeqat.harness import qemu
 from edgeqat.harness.compare import compare_runs
 from edgeqat.harness.device import run_on_device
+from tests.harness_support import build_int8_model, emulated_sysroot
 
 pytestmark = [pytest.mark.device, pytest.mark.slow]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from harness_support import build_int8_model, dropping_python, free_port, sshd_or_skip
 
 from edgeqat.harness.device import DeviceUnreachable, run_on_device
 from edgeqat.harness.transports import SshTransport
+from tests.harness_support import build_int8_model, dropping_python, free_port, sshd_or_skip
 
 pytestmark = [pytest.mark.device]
 
