@@ -77,6 +77,7 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
     """Runs the whole flow. Touches no output directory: see ``write_outputs``."""
     from edgeqat import annotate, convert, inspect, models, qat, report, train
     from edgeqat.data import load_dataset
+    from edgeqat.edgetpu import edgetpu_report
     from edgeqat.keras import keras, tf
     from edgeqat.validate import validate_on
 
@@ -106,6 +107,7 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
                                        calibration=data.x_calib)
         ops = inspect.require_full_integer(qat_tflite, f"qat_{cfg.convert.mode}.tflite")
         inspect.require_full_integer(ptq_tflite, f"ptq_{cfg.convert.mode}.tflite")
+        edgetpu = edgetpu_report(qat_tflite)
     mode = cfg.convert.mode
     tflites = {"float": float_tflite, f"ptq_{mode}": ptq_tflite, f"qat_{mode}": qat_tflite}
     with stage("validate"):
@@ -115,7 +117,7 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
                                  warmup=cfg.validate.warmup_runs,
                                  runs=cfg.validate.latency_runs)
     summary = report.build_report(cfg, device, data.summary(), trained, tuned, validation,
-                                  ops, stage.seconds)
+                                  ops, stage.seconds, edgetpu)
     return PipelineResult(cfg, device, data.summary(), trained.model, tuned.model, tflites,
                           summary)
 

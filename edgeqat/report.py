@@ -16,7 +16,7 @@ def _pct(v: float | None) -> str:
 
 
 def build_report(cfg: PipelineConfig, device: DeviceConfig, data: dict, trained, tuned,
-                 validation, ops, stage_seconds: dict) -> dict:
+                 validation, ops, stage_seconds: dict, edgetpu=None) -> dict:
     """Collects every number a reader needs into one JSON-able dict."""
     mode = cfg.convert.mode
     qat_name, ptq_name = f"qat_{mode}", f"ptq_{mode}"
@@ -31,7 +31,8 @@ def build_report(cfg: PipelineConfig, device: DeviceConfig, data: dict, trained,
         "edgeqat_version": __version__,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "pipeline": {"name": cfg.name, "source": cfg.source, "seed": cfg.seed, "mode": mode},
-        "device": validation.device | {"profile_source": device.source},
+        "device": validation.device | {"profile_source": device.source,
+                                       "hardware": device.hardware},
         "data": data,
         "accuracy": {
             "float_keras": float_acc,
@@ -54,6 +55,12 @@ def build_report(cfg: PipelineConfig, device: DeviceConfig, data: dict, trained,
             "full_integer": all(op.is_integer for op in ops),
             "counts": _count([op.name for op in ops]),
         },
+        "device_vs_host": {
+            name: cmp.to_dict() | {"host_accuracy": validation.host_accuracy[name],
+                                   "device_accuracy": m[name].accuracy}
+            for name, cmp in validation.device_vs_host.items()
+        },
+        "edgetpu": edgetpu.to_dict() if edgetpu is not None else None,
         "stage_seconds": stage_seconds,
     }
 
@@ -77,7 +84,9 @@ def to_markdown(r: dict) -> str:
         f"Pipeline `{r['pipeline']['source']}`, seed {r['pipeline']['seed']}, mode `{mode}`; "
         f"device `{dev['profile']}` ({dev['connection']}), {dev['runtime']} "
         f"{dev['runtime_version']}, delegate {dev['delegate']}, {dev['num_threads']} thread(s), "
-        f"{dev['cpu'].get('machine', '?')}. Created {r['created']} by edgeqat "
+        f"{dev['cpu'].get('machine', '?')}"
+        + (f" ({dev['hardware']})" if dev.get("hardware") else "")
+        + f". Created {r['created']} by edgeqat "
         f"{r['edgeqat_version']}.",
         "",
         f"Data: `{r['data']['name']}`, evaluated on {r['data']['test']} test samples "
@@ -105,6 +114,15 @@ def to_markdown(r: dict) -> str:
         lines.append(f"Keras QAT model vs `{name}.tflite`: top-1 agreement {_pct(a['top1'])}, "
                      f"{_pct(a['within_2_steps'])} of outputs within 2 quantization steps "
                      f"(max {a['max_abs_steps']:.1f} steps).")
+    for name, c in r.get("device_vs_host", {}).items():
+        lines.append(
+            f"Device vs host, `{name}.tflite`: accuracy {_pct(c['device_accuracy'])} on "
+            f"`{dev['profile']}` vs {_pct(c['host_accuracy'])} on this machine; "
+            + ("outputs identical" if c["identical"] else
+               f"max {c['max_abs_steps']:.0f} step(s), {_pct(c['mismatched_fraction'])} of "
+               f"outputs differ, top-1 agreement {_pct(c['top1_agreement'])}") + ".")
+    if r.get("edgetpu"):
+        lines.append(f"Edge TPU pre-check of `{r['ops']['model']}`: {r['edgetpu']['summary']}.")
     ops = r["ops"]
     lines += [
         "",

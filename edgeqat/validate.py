@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeqat.config import DeviceConfig
-from edgeqat.harness.device import run_on_device
+from edgeqat.harness.compare import OutputComparison, compare_outputs
+from edgeqat.harness.device import DeviceRun, run_on_device
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class ValidationResult:
     device: dict
     models: dict[str, ModelOnDevice]
     agreement: dict[str, Agreement]
+    host_accuracy: dict[str, float | None] = field(default_factory=dict)
+    device_vs_host: dict[str, OutputComparison] = field(default_factory=dict)
 
 
 def agreement(reference: np.ndarray, outputs: np.ndarray, scale: float) -> Agreement:
@@ -73,11 +76,13 @@ def validate_on(device: DeviceConfig, tflites: dict[str, bytes], x: np.ndarray,
             paths[name] = Path(tmp) / f"{name}.tflite"
             paths[name].write_bytes(content)
         runs_ = run_on_device(device, paths, x, y, warmup=warmup, runs=runs)
-    models = {
-        name: ModelOnDevice(name, r.info.get("accuracy"), r.info["model_bytes"], r.latency,
-                            r.outputs, r.info["outputs"][0]["scale"])
-        for name, r in runs_.items()
-    }
+        host_runs: dict[str, DeviceRun] = {}
+        if device.connection.kind != "local":
+            # The same integer models on this machine: kernels differ between x86 and ARM
+            # and between delegates, so the device must reproduce the host, step for step.
+            integer = {n: p for n, p in paths.items() if runs_[n].raw.dtype.kind in "iu"}
+            host_runs = run_on_device(DeviceConfig(), integer, x, y, warmup=0, runs=1)
+    models = {name: _on_device(name, r) for name, r in runs_.items()}
     first = next(iter(runs_.values())).info
     info = {"profile": device.name, "runtime": first["runtime"],
             "runtime_version": first["runtime_version"],
@@ -86,4 +91,13 @@ def validate_on(device: DeviceConfig, tflites: dict[str, bytes], x: np.ndarray,
             "connection": device.connection.kind}
     agree = {name: agreement(ref, models[name].outputs, models[name].output_scale)
              for name, ref in (references or {}).items()}
-    return ValidationResult(info, models, agree)
+    return ValidationResult(
+        info, models, agree,
+        host_accuracy={n: r.info.get("accuracy") for n, r in host_runs.items()},
+        device_vs_host={n: compare_outputs(r.raw, runs_[n].raw) for n, r in host_runs.items()},
+    )
+
+
+def _on_device(name: str, r: DeviceRun) -> ModelOnDevice:
+    return ModelOnDevice(name, r.info.get("accuracy"), r.info["model_bytes"], r.latency,
+                         r.outputs, r.info["outputs"][0]["scale"])

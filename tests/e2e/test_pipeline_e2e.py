@@ -41,3 +41,23 @@ def test_tiny_pipeline_end_to_end(tiny_pipeline, tmp_path):
     md = (out / "report.md").read_text()
     assert "| QAT int8 |" in md and "fully integer" in md
     assert not list(tmp_path.glob(".run*"))
+
+
+@pytest.mark.slow
+@pytest.mark.device
+def test_tiny_pipeline_on_emulated_raspberry_pi(tiny_pipeline, tmp_path):
+    from tests.harness_support import emulated_sysroot
+
+    emulated_sysroot()  # builds the cached aarch64 userland, or skips saying why
+    out = tmp_path / "run"
+    p = run_cli("--pipeline", str(tiny_pipeline), "--device", "rpi4_emulated",
+                "--output_dir", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((out / "report.json").read_text())
+    assert r["device"]["cpu"]["machine"] == "aarch64"
+    assert r["device"]["connection"] == "qemu"
+    for name in ("ptq_int8", "qat_int8"):
+        c = r["device_vs_host"][name]
+        assert c["device_accuracy"] == c["host_accuracy"] == r["accuracy"][name]
+        assert c["identical"], c
+    assert "Device vs host, `qat_int8.tflite`" in (out / "report.md").read_text()
