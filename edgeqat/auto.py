@@ -109,8 +109,9 @@ def choose(cfg: PipelineConfig, data, trained) -> AutoResult:
     sens = None
     if not done() and cfg.auto.int16_activations:
         start = time.perf_counter()
-        record("ptq_int16x8", "PTQ 16x8 (int16 activations, whole model)",
-               ptq.quantize(cal, activations="int16"), time.perf_counter() - start)
+        record("ptq_int16x8", "PTQ 16x8 (int16 activations, whole model, min/max ranges)",
+               convert.to_tflite(trained.model, "int16x8", calibration=data.x_calib),
+               time.perf_counter() - start)
 
     if not done() and cfg.auto.float_layers > 0:
         start = time.perf_counter()

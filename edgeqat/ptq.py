@@ -8,7 +8,6 @@ need:
 
 * ``quantize(cal)``: full integer int8 (int8 input and output), the same as
   ``convert.to_tflite(model, "int8", calibration=...)``;
-* ``quantize(cal, activations="int16")``: 16x8 (int16 activations, int8 weights);
 * ``quantize(cal, float_nodes=[...])``: selective quantization, the named op outputs stay
   float (TF's ``denylisted_nodes``; the model is then no longer fully integer);
 * ``quantize(cal, debug=True)``: the NumericVerify-instrumented model that
@@ -97,7 +96,7 @@ def quantize(cal: Calibrated, *, activations: str = "int8", float_nodes=(),
 
     Args:
       cal: from ``calibrate``.
-      activations: ``int8`` or ``int16`` (16x8: int16 activations, int8 weights).
+      activations: ``int8`` only (kept explicit: see the error for ``int16``).
       float_nodes: op output tensor names (``Calibrated.nodes()``) to leave in float.
       debug: instrument with NumericVerify ops (float input/output) for the debugger.
 
@@ -107,14 +106,15 @@ def quantize(cal: Calibrated, *, activations: str = "int8", float_nodes=(),
     from tensorflow.compiler.mlir.lite import types_pb2
     from tensorflow.lite.python import convert as lite_convert
 
-    io = {"int8": tf.int8, "int16": tf.int16}[activations]
-    inference = {"int8": types_pb2.QUANTIZED_INT8, "int16": types_pb2.QUANTIZED_INT16}
+    if activations != "int8":
+        raise ValueError("quantize() makes int8 models; for 16x8 use convert.to_tflite: "
+                         "mlir_quantize's int16 path gives zero points the kernels reject")
     return lite_convert.mlir_quantize(
         cal.model,
         fully_quantize=not debug,
-        inference_type=inference[activations],
-        input_data_type=tf.float32 if debug else io,
-        output_data_type=tf.float32 if debug else io,
+        inference_type=types_pb2.QUANTIZED_INT8,
+        input_data_type=tf.float32 if debug else tf.int8,
+        output_data_type=tf.float32 if debug else tf.int8,
         enable_numeric_verify=debug,
         denylisted_nodes=list(float_nodes) or None,
     )
@@ -122,13 +122,13 @@ def quantize(cal: Calibrated, *, activations: str = "int8", float_nodes=(),
 
 def post_training(model: keras.Model, x_calib: np.ndarray, mode: str,
                   cfg: PtqConfig | None = None) -> tuple[bytes, Calibrated | None]:
-    """The PTQ baseline of ``mode``; returns the flatbuffer and (int8/16x8) its calibration."""
+    """The PTQ baseline of ``mode``; returns the flatbuffer and (int8) its calibration."""
     from edgeqat.convert import to_tflite
 
-    if mode not in ("int8", "int16x8"):
+    if mode != "int8":  # 16x8 and int4 weights: the converter's own route, min/max ranges
         return to_tflite(model, mode, calibration=x_calib), None
     cal = calibrate(model, x_calib, cfg)
-    return quantize(cal, activations="int8" if mode == "int8" else "int16"), cal
+    return quantize(cal), cal
 
 
 # --------------------------------------------------------------- percentile / MSE ranges

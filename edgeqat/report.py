@@ -271,12 +271,12 @@ def make_figures(r: dict) -> dict[str, bytes]:
         for ax, d in zip(axes[0], diags, strict=True):
             layers = [e["layer"] for e in d["layers"]]
             score = [e["score_db"] for e in d["layers"]]
-            worst = set(d["worst"])
+            worst = d["worst"][:1]
             ax.barh(range(len(layers)), score,
                     color=["#c44e52" if n in worst else "#4c72b0" for n in layers])
             ax.set_yticks(range(len(layers)), layers)
             ax.invert_yaxis()
-            ax.set_xlabel("SQNR (dB, min of tensor / channel); red: worst")
+            ax.set_xlabel("SQNR (dB, min of tensor / channel); red: the worst")
             ax.set_title(f"{d['model']} ({d['method'].replace('_', ' ')})", fontsize=9)
         figs["layer_error"] = png(fig)
 

@@ -83,7 +83,8 @@ def test_selective_quantization_leaves_the_named_layer_float(bad):
     ops = inspect.list_ops(ptq.quantize(cal, float_nodes=[node]))
     assert [op.name for op in ops if not op.is_integer] == ["DEQUANTIZE", "CONV_2D", "QUANTIZE"]
     assert inspect.float_ops(ptq.quantize(cal)) == []
-    assert inspect.float_ops(ptq.quantize(cal, activations="int16")) == []
+    with pytest.raises(ValueError, match="16x8"):
+        ptq.quantize(cal, activations="int16")
 
 
 def test_int8_via_calibration_matches_the_converter(bad):
