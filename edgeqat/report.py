@@ -146,9 +146,8 @@ def to_markdown(r: dict, plots: dict[str, str] | None = None) -> str:
         "|---|---:|---:|---:|---:|",
         f"| float (Keras) | {_pct(acc['float_keras'])} | | | |",
     ]
-    for name, label, a, size, lat in _model_rows(r):
-        mark = " (shipped)" if name == shipped else ""
-        lines.append(f"| {label}{mark} | {_pct(a)} | {size / 1024:.1f} KiB | "
+    for _name, label, a, size, lat in _model_rows(r):
+        lines.append(f"| {label} | {_pct(a)} | {size / 1024:.1f} KiB | "
                      f"{lat['median_ms']:.3f} ms | {lat['p90_ms']:.3f} ms |")
     if "qat_keras" in acc:
         lines.append(f"| QAT (Keras, fake-quant) | {_pct(acc['qat_keras'])} | | | |")
@@ -156,6 +155,7 @@ def to_markdown(r: dict, plots: dict[str, str] | None = None) -> str:
     verdict = "within" if b["within_budget"] else "OUTSIDE"
     lines += [
         "",
+        f"Shipped model: `{shipped}.tflite`. "
         f"{_label(shipped)} vs float: {100 * b['drop_vs_float']:+.2f} points drop, {verdict} "
         f"the budget of {100 * b['max_accuracy_drop']:.2f} points.",
         "",

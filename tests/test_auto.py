@@ -75,16 +75,29 @@ def test_auto_runs_qat_when_ptq_misses(trained):
 
 
 @pytest.mark.slow
+def test_auto_tries_16x8_before_float_layers(trained):
+    cfg, data, model = trained
+    cfg = dataclasses.replace(cfg, ptq=BROKEN_PTQ, auto=AutoConfig(qat=False, float_layers=1),
+                              validate=dataclasses.replace(cfg.validate,
+                                                           max_accuracy_drop=0.05))
+    r = auto.choose(cfg, data, model)
+    steps = [d.step for d in r.decisions]
+    assert steps[:2] == ["ptq_int8", "ptq_int16x8"]
+    if r.decisions[1].within_budget:  # 16x8 uses the converter's min/max ranges
+        assert steps == ["ptq_int8", "ptq_int16x8"] and r.chosen == "ptq_int16x8"
+
+
+@pytest.mark.slow
 def test_auto_raises_precision_then_says_how_much_it_missed(trained):
     cfg, data, model = trained
     cfg = dataclasses.replace(cfg, ptq=BROKEN_PTQ,
-                              auto=AutoConfig(qat=False, float_layers=2),
+                              auto=AutoConfig(qat=False, int16_activations=False,
+                                              float_layers=2),
                               validate=dataclasses.replace(cfg.validate,
                                                            max_accuracy_drop=0.0))
     r = auto.choose(cfg, data, model)
     steps = [d.step for d in r.decisions]
-    assert steps[:3] == ["ptq_int8", "ptq_int16x8", "sensitivity"]
-    assert steps[3] == "mixed_float_1"
+    assert steps[:3] == ["ptq_int8", "sensitivity", "mixed_float_1"]
     mixed = [d for d in r.decisions if d.step.startswith("mixed_float")]
     assert all(not d.full_integer for d in mixed)
     assert all(d.seconds >= 0 for d in r.decisions)
