@@ -105,17 +105,60 @@ class ValidateConfig:
 
 
 @dataclass(frozen=True)
+class PtqConfig:
+    """Post-training quantization: activation calibration and weight rounding."""
+
+    calibration: str = choice("minmax", ("minmax", "percentile", "mse"),
+                              "activation ranges: observed extremes, a percentile, or the "
+                              "clipping range with least quantization MSE")
+    percentile: float = 99.99  # calibration = "percentile": clip outside [100-p, p]
+    range_samples: int = 64  # samples whose activations percentile/MSE ranges look at
+    adaround: bool = False  # learn weight rounding (Nagel et al. 2020) before conversion
+    adaround_iterations: int = 300  # optimisation steps per layer
+    adaround_samples: int = 128  # calibration samples AdaRound fits on
+
+
+@dataclass(frozen=True)
+class AutoConfig:
+    """``mode = "auto"``: PTQ, then QAT, then higher precision, until within budget.
+
+    The budget is ``validate.max_accuracy_drop`` (vs the float model).
+    """
+
+    qat: bool = True  # try QAT when PTQ int8 misses the budget
+    int16_activations: bool = True  # then try 16x8 (int16 activations, still integer)
+    float_layers: int = 0  # then leave up to this many most sensitive layers in float
+    #                        (0: never; >0 gives up the fully-integer property)
+    decide_on: str = choice("test", ("test", "validation"),
+                            "split whose accuracy the decisions compare")
+
+
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    """Per-layer quantization error and layer sensitivity in the report."""
+
+    enabled: bool = True
+    samples: int = 64  # calibration samples the per-layer comparison runs on
+    worst: int = 3  # layers named in the report's summary
+    sensitivity: bool = False  # rank layers by accuracy regained when left float (slower)
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """A whole pipeline: data, model, policy, QAT, conversion, validation."""
 
     name: str = "pipeline"
     seed: int = 0
+    mode: str = choice("qat", ("qat", "auto"), "qat: always fine-tune; auto: see [auto]")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     policy: PolicyConfig = PolicyConfig()
     qat: QatConfig = QatConfig()
     convert: ConvertConfig = ConvertConfig()
     validate: ValidateConfig = ValidateConfig()
+    ptq: PtqConfig = PtqConfig()
+    auto: AutoConfig = AutoConfig()
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     source: str = ""  # the file it was read from (set by the loader)
 
 
@@ -299,6 +342,10 @@ def _check_pipeline(cfg: PipelineConfig, file: str) -> None:
         "qat.batch_size": cfg.qat.batch_size,
         "data.calibration_samples": cfg.data.calibration_samples,
         "validate.latency_runs": cfg.validate.latency_runs,
+        "ptq.range_samples": cfg.ptq.range_samples,
+        "ptq.adaround_iterations": cfg.ptq.adaround_iterations,
+        "ptq.adaround_samples": cfg.ptq.adaround_samples,
+        "diagnostics.samples": cfg.diagnostics.samples,
     }
     for key, value in positive.items():
         if value < 1:
@@ -310,6 +357,10 @@ def _check_pipeline(cfg: PipelineConfig, file: str) -> None:
         raise ConfigError(f"{file}: data.path is required when data.name = 'npz'")
     if not 0 <= cfg.validate.max_accuracy_drop <= 1:
         raise ConfigError(f"{file}: validate.max_accuracy_drop must be a fraction in [0, 1]")
+    if not 50 < cfg.ptq.percentile <= 100:
+        raise ConfigError(f"{file}: ptq.percentile = {cfg.ptq.percentile} must be in (50, 100]")
+    if cfg.auto.float_layers < 0:
+        raise ConfigError(f"{file}: auto.float_layers = {cfg.auto.float_layers} must be 0 or more")
     if not 0 <= cfg.data.validation_fraction < 1:
         raise ConfigError(f"{file}: data.validation_fraction must be in [0, 1)")
     for i, rule in enumerate(cfg.policy.rules):

@@ -54,7 +54,7 @@ class PipelineResult:
     device: DeviceConfig
     data: dict
     float_model: object = field(repr=False)
-    qat_model: object = field(repr=False)
+    qat_model: object = field(repr=False)  # None when auto mode stopped before QAT
     tflites: dict = field(repr=False)
     report: dict = field(repr=False)
 
@@ -75,7 +75,7 @@ class _Stages:
 
 def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
     """Runs the whole flow. Touches no output directory: see ``write_outputs``."""
-    from edgeqat import annotate, convert, inspect, models, qat, report, train
+    from edgeqat import annotate, convert, diagnostics, inspect, models, ptq, qat, report, train
     from edgeqat.data import load_dataset
     from edgeqat.edgetpu import edgetpu_report
     from edgeqat.keras import keras, tf
@@ -93,10 +93,14 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
         else:
             model = models.build_model(cfg.model, data.input_shape, data.num_classes)
         trained = train.train_float(model, data, cfg.model)
+    if cfg.mode == "auto":  # PTQ, then QAT, then more precision, until within budget
+        from edgeqat.auto import run_auto
+
+        return run_auto(cfg, device, data, trained, stage)
     with stage("ptq"):
         float_tflite = convert.to_tflite(trained.model, "float")
-        ptq_tflite = convert.to_tflite(trained.model, cfg.convert.mode,
-                                       calibration=data.x_calib)
+        ptq_tflite, calibration = ptq.post_training(trained.model, data.x_calib,
+                                                    cfg.convert.mode, cfg.ptq)
     with stage("annotate"):
         qat_model = annotate.annotate_model(trained.model, cfg.policy,
                                             sample_x=data.x_calib[:256])
@@ -110,6 +114,15 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
         edgetpu = edgetpu_report(qat_tflite)
     mode = cfg.convert.mode
     tflites = {"float": float_tflite, f"ptq_{mode}": ptq_tflite, f"qat_{mode}": qat_tflite}
+    diag = []
+    with stage("diagnose"):
+        if cfg.diagnostics.enabled:
+            x_diag = data.x_calib[: cfg.diagnostics.samples]
+            if calibration is not None and mode == "int8":
+                diag.append(diagnostics.ptq_layer_errors(calibration, trained.model, x_diag,
+                                                         f"ptq_{mode}"))
+            diag.append(diagnostics.direct_layer_errors(qat_tflite, tuned.model, x_diag,
+                                                        f"qat_{mode}"))
     with stage("validate"):
         qat_logits = tuned.model.predict(data.x_test, batch_size=256, verbose=0)
         validation = validate_on(device, tflites, data.x_test, data.y_test,
@@ -117,7 +130,7 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
                                  warmup=cfg.validate.warmup_runs,
                                  runs=cfg.validate.latency_runs)
     summary = report.build_report(cfg, device, data.summary(), trained, tuned, validation,
-                                  ops, stage.seconds, edgetpu)
+                                  ops, stage.seconds, diagnostics=diag, edgetpu=edgetpu)
     return PipelineResult(cfg, device, data.summary(), trained.model, tuned.model, tflites,
                           summary)
 
@@ -135,8 +148,9 @@ def write_outputs(result: PipelineResult, output_dir: Path) -> Path:
     try:
         for name, content in result.tflites.items():
             (tmp / f"{name}.tflite").write_bytes(content)
-        with annotate.scope():
-            result.qat_model.save(tmp / "qat_model.h5")
+        if result.qat_model is not None:  # auto mode may ship without QAT
+            with annotate.scope():
+                result.qat_model.save(tmp / "qat_model.h5")
         result.float_model.save(tmp / "float_model.h5")
         (tmp / "pipeline.toml").write_text(to_toml(result.config))
         (tmp / "device.toml").write_text(to_toml(result.device))
