@@ -268,8 +268,9 @@ class MseRangeQuantizer(_RangeTracker):
 class PactQuantizer(_Base):
     """PACT: parameterized clipping activation (Choi et al. 2018, arXiv:1805.06085).
 
-    Forward:  y = clip(x, 0, a) (or [-a, a] when ``signed``), then uniformly quantized on
-              2^b - 1 steps: q = FakeQuantWithMinMaxVars(x, 0 or -a, a), with a trained.
+    Forward:  y = clip(x, 0, a), uniformly quantized on 2^b - 1 steps, or, when ``signed``,
+              clip(x, -a, a) on 2^b - 2 steps (narrow range, zero exact):
+              q = FakeQuantWithMinMaxVars(x, 0 or -a, a), with a trained.
     Backward: dq/dx = 1 inside the clip range, 0 outside (straight-through);
               dq/da = 1 where x >= a (and -1 where x <= -a when signed), 0 elsewhere; this
               is exactly FakeQuant's gradient for its max (min) input, so no custom
@@ -309,7 +310,9 @@ class PactQuantizer(_Base):
             a = tf.identity(alpha)
         a = tf.maximum(a, 1e-3)
         lo = -a if self.signed else tf.zeros_like(a)
-        return fake_quant(inputs, lo, a, self.num_bits)
+        # Signed: narrow range (2^b - 2 steps) keeps the zero point an integer, so
+        # FakeQuant's nudging does not shift the symmetric clip range.
+        return fake_quant(inputs, lo, a, self.num_bits, narrow_range=self.signed)
 
     def get_config(self):
         return {"num_bits": self.num_bits, "signed": self.signed,
