@@ -483,8 +483,15 @@ def quantize(canon: keras.Model, spec_of) -> keras.Model:
                 # which MultiHeadAttention cannot answer alone: quantize after it instead.
                 out_q = qc.activation_quantizer(spec.activation_quantizer,
                                                 spec.activation_bits, layer)
-            wrappers[id(layer)] = (_QuantizeWrapper(layer, config, name=f"quant_{layer.name}"),
-                                   out_q)
+            # Wrap an unbuilt copy, as loading does, so the wrapper orders its weights
+            # the same way in both cases (h5 restores by order); weights copied below.
+            # MultiHeadAttention builds its sublayers only when called: wrap it as is.
+            inner = layer if separate_output else _clone(layer, layer.name)
+            wrapper = _QuantizeWrapper(inner, config, name=f"quant_{layer.name}")
+            if inner is not layer:
+                wrapper.build(tf.nest.map_structure(lambda t: t.shape, args[0]))
+                inner.set_weights(layer.get_weights())  # before the call swaps in FakeQuants
+            wrappers[id(layer)] = (wrapper, out_q)
         wrapper, out_q = wrappers[id(layer)]
         out = _call_wrapped(wrapper, layer, args, kwargs)
         if out_q is not None:

@@ -19,6 +19,7 @@ float silently.
 
 from __future__ import annotations
 
+import copy
 import functools
 
 from edgeqat import quantizers as q
@@ -156,9 +157,13 @@ class LayerQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         self.weight_attrs = tuple(weight_attrs)
         self.weight_quantizer = weight_quantizer
         self.output_quantizer = output_quantizer
+        # One quantizer object per weight, so each owns its variables (several weights
+        # may share a name, as MultiHeadAttention's four kernels do).
+        self._weight_quantizers = [copy.deepcopy(weight_quantizer) for _ in self.weight_attrs]
 
     def get_weights_and_quantizers(self, layer):
-        return [(_get(layer, a), self.weight_quantizer) for a in self.weight_attrs]
+        return [(_get(layer, a), wq)
+                for a, wq in zip(self.weight_attrs, self._weight_quantizers, strict=True)]
 
     def set_quantize_weights(self, layer, quantize_weights):
         if len(quantize_weights) != len(self.weight_attrs):

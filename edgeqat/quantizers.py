@@ -46,6 +46,19 @@ def _unique(layer, name: str) -> str:
     return f"{name}_{i}"
 
 
+def _built_once(quantizer, layer, name, make):
+    """Builds a quantizer's variables once per (layer, quantizer, name).
+
+    tfmot's ``QuantizeLayer`` builds its quantizer again when a ``.keras`` file is loaded;
+    returning the first set keeps the variable list the one that was saved.
+    """
+    cache = layer.__dict__.setdefault("_edgeqat_quantizer_vars", {})  # not tracked by Keras
+    key = (name, id(quantizer))
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
 def _check_bits(num_bits: int) -> None:
     if not 2 <= int(num_bits) <= 16:
         raise ValueError(f"num_bits = {num_bits} must be 2..16 (FakeQuant's range)")
@@ -160,7 +173,8 @@ class _RangeTracker(_Base):
                                     initializer=keras.initializers.Constant(value),
                                     trainable=False)
 
-        return {"min": var("min", -6.0), "max": var("max", 6.0), "seen": var("seen", 0.0)}
+        return _built_once(self, layer, name, lambda: {
+            "min": var("min", -6.0), "max": var("max", 6.0), "seen": var("seen", 0.0)})
 
     def _batch_range(self, x):
         return tf.reduce_min(x), tf.reduce_max(x)
@@ -289,6 +303,9 @@ class PactQuantizer(_Base):
         self.alpha_decay = float(alpha_decay)
 
     def build(self, tensor_shape, name, layer):
+        return _built_once(self, layer, name, lambda: self._build(name, layer))
+
+    def _build(self, name, layer):
         reg = keras.regularizers.l2(self.alpha_decay) if self.alpha_decay else None
         alpha = layer.add_weight(_unique(layer, f"{name}_alpha"), shape=(),
                                  initializer=keras.initializers.Constant(self.init_alpha),
@@ -395,6 +412,9 @@ class LsqQuantizer(_Base):
         return lsq_levels(self.num_bits, self.signed, self.narrow_range)
 
     def build(self, tensor_shape, name, layer):
+        return _built_once(self, layer, name, lambda: self._build(tensor_shape, name, layer))
+
+    def _build(self, tensor_shape, name, layer):
         shape = (int(tensor_shape[-1]),) if self.per_channel else ()
         step = layer.add_weight(_unique(layer, f"{name}_step"), shape=shape,
                                 initializer=keras.initializers.Constant(0.01), trainable=True)
