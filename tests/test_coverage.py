@@ -1,0 +1,90 @@
+"""Coverage acceptance: real architectures annotate, train a step, convert fully integer.
+
+Conversion passes calibration samples because TF 2.21's converter refuses full-integer
+conversion without a representative dataset even for QAT models (its parameter check
+runs before it looks for FakeQuant ops); the FakeQuant ranges are kept as trained, and
+calibration only fills tensors inside composite layers (LayerNormalization,
+MultiHeadAttention) that carry no FakeQuant.
+"""
+
+import numpy as np
+import pytest
+
+from edgeqat import annotate, convert, inspect, policy
+from edgeqat.keras import keras
+
+L = keras.layers
+RNG = np.random.default_rng(0)
+
+
+def conv1d_model():
+    inp = keras.Input((40, 1))
+    x = L.Conv1D(8, 5, padding="causal", activation="relu")(inp)
+    x = L.BatchNormalization()(L.Conv1D(16, 3, strides=2)(x))
+    x = L.ReLU()(x)
+    x = L.SeparableConv1D(16, 3, padding="same", activation="relu")(x)
+    x = L.GlobalAveragePooling1D()(x)
+    return keras.Model(inp, L.Dense(10)(x))
+
+
+def transformer_block():
+    inp = keras.Input((16,), dtype="int32")
+    x = L.Embedding(50, 32)(inp)
+    a = L.MultiHeadAttention(num_heads=2, key_dim=16)(x, x)
+    x = L.LayerNormalization()(L.Add()([x, a]))
+    h = L.Dense(64, activation="gelu")(x)
+    h = L.Dense(32)(h)
+    x = L.LayerNormalization()(L.Add()([x, h]))
+    x = L.GlobalAveragePooling1D()(x)
+    return keras.Model(inp, L.Dense(4)(x))
+
+
+APPS = keras.applications
+MODELS = {
+    "MobileNetV2": lambda: APPS.MobileNetV2((32, 32, 3), alpha=0.35, weights=None, classes=10),
+    "MobileNetV3Small": lambda: APPS.MobileNetV3Small((32, 32, 3), alpha=0.75, weights=None,
+                                                      classes=10),
+    "EfficientNetB0": lambda: APPS.EfficientNetB0(weights=None, input_shape=(32, 32, 3),
+                                                  classes=10),
+    "ResNet50": lambda: APPS.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10),
+    "Conv1D": conv1d_model,
+    "Transformer": transformer_block,
+}
+
+
+def inputs_for(model, n):
+    shape = (n, *model.inputs[0].shape[1:])
+    if model.inputs[0].dtype.is_integer:
+        return RNG.integers(0, 50, shape).astype(np.int32)
+    return RNG.uniform(0, 1, shape).astype(np.float32) * (255 if shape[-1] == 3 else 1)
+
+
+KNOWN_BROKEN = {
+    # Converts, but leaves one DEQUANTIZE -> QUANTIZE pair (a float tensor) near the head;
+    # not yet diagnosed.
+    "ResNet50": "one float DEQUANTIZE/QUANTIZE pair near the classifier (open)",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_BROKEN[n], strict=True))
+    if n in KNOWN_BROKEN else n for n in MODELS])
+def test_annotate_train_convert_full_integer(name):
+    model = MODELS[name]()
+    x = inputs_for(model, 8)
+    qat = annotate.annotate_model(model, policy.uniform(), sample_x=x)
+    qat.compile(keras.optimizers.SGD(1e-3),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    assert np.isfinite(qat.train_on_batch(x, RNG.integers(0, 4, 8)))
+    flat = convert.to_tflite(annotate.prepare_for_export(qat), "int8",
+                             calibration=inputs_for(model, 4), qat=False)
+    ops = inspect.require_full_integer(flat, name)  # raises naming any float op
+    assert ops
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=flat)
+    out = interp.get_output_details()[0]
+    assert out["dtype"] == np.int8
+    inp = interp.get_input_details()[0]
+    assert inp["dtype"] == (np.int32 if name == "Transformer" else np.int8)

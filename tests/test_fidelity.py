@@ -1,0 +1,100 @@
+"""Fidelity acceptance: the QAT Keras model and its TFLite model agree, per quantizer/mode.
+
+A small CNN is trained on sklearn digits, annotated with each quantizer kind, fine-tuned
+one epoch, converted, and run with ai_edge_litert on the held-out images: top-1 must
+agree on >= 99.5% of samples and >= 99% of output elements must be within 2 output
+quantization steps.
+"""
+
+import numpy as np
+import pytest
+
+from edgeqat import annotate, convert, policy
+from edgeqat.keras import keras, tf
+
+L = keras.layers
+
+
+@pytest.fixture(scope="module")
+def trained():
+    from sklearn.datasets import load_digits
+
+    tf.random.set_seed(0)
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0)[..., None]
+    y = d.target.astype(np.int32)
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = x[order], y[order]
+    inp = keras.Input((8, 8, 1))
+    h = L.Conv2D(16, 3, padding="same", use_bias=False)(inp)
+    h = L.ReLU(6.0)(L.BatchNormalization()(h))
+    h = L.DepthwiseConv2D(3, padding="same", use_bias=False)(h)
+    h = L.ReLU()(L.BatchNormalization()(h))
+    h = L.Add()([h, L.Conv2D(16, 1)(h)])
+    h = L.MaxPooling2D()(h)
+    h = L.Conv2D(24, 3, padding="same", activation="relu")(h)
+    h = L.GlobalAveragePooling2D()(h)
+    model = keras.Model(inp, L.Dense(10)(h))
+    model.compile(keras.optimizers.Adam(3e-3),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(x[360:], y[360:], epochs=12, batch_size=64, verbose=0)
+    return model, x[360:], y[360:], x[:360], y[:360]
+
+
+def run_tflite(flat: bytes, x: np.ndarray) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=flat)
+    interp.allocate_tensors()
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    s_in, z_in = inp["quantization"]
+    s_out, z_out = out["quantization"]
+    info = np.iinfo(inp["dtype"])
+    ys = []
+    for i in range(len(x)):
+        q = np.clip(np.round(x[i:i + 1] / s_in + z_in), info.min, info.max)
+        interp.set_tensor(inp["index"], q.astype(inp["dtype"]))
+        interp.invoke()
+        ys.append((interp.get_tensor(out["index"]).astype(np.float32) - z_out) * s_out)
+    return np.concatenate(ys), s_out
+
+
+BROKEN = pytest.mark.xfail(strict=True, reason="measured below the bar; see the report")
+NO_16X8 = pytest.mark.xfail(strict=True, raises=Exception, reason=(
+    "converter: 'Quantization to 16x8-bit not yet supported for op: DEQUANTIZE' "
+    "on a FakeQuant (QAT) graph"))
+
+CASES = [  # (weight quantizer, activation quantizer, weight bits, mode)
+    ("per_channel", "moving_average", 8, "int8"),
+    ("per_tensor", "moving_average", 8, "int8"),
+    ("per_channel", "relu6", 8, "int8"),
+    ("per_channel", "pact", 8, "int8"),
+    pytest.param("lsq", "lsq", 8, "int8", marks=BROKEN),  # top-1 0.969, within-2 1.000
+    ("per_channel", "percentile", 8, "int8"),
+    ("per_channel", "mse", 8, "int8"),
+    pytest.param("per_channel", "moving_average", 4, "int4_weights", marks=BROKEN),  # 0.986
+    pytest.param("lsq", "lsq", 4, "int4_weights", marks=BROKEN),  # top-1 0.928
+    pytest.param("per_channel", "moving_average", 8, "int16x8", marks=NO_16X8),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wq,aq,bits,mode", CASES)
+def test_keras_and_tflite_agree(trained, wq, aq, bits, mode, record_property):
+    model, x_train, y_train, x_test, _ = trained
+    pol = policy.uniform(weight_bits=bits, weight_quantizer=wq, activation_quantizer=aq)
+    qat = annotate.annotate_model(model, pol, sample_x=x_train[:256])
+    qat.compile(keras.optimizers.Adam(2e-4),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qat.fit(x_train, y_train, epochs=1, batch_size=64, verbose=0)
+    flat = convert.to_tflite(qat, mode, calibration=x_train[:32], qat=False)
+    y_lite, step = run_tflite(flat, x_test)
+    y_keras = qat.predict(x_test, verbose=0)
+    top1 = np.mean(y_lite.argmax(1) == y_keras.argmax(1))
+    close = np.mean(np.abs(y_lite - y_keras) <= 2 * step + 1e-6)
+    record_property("top1_agreement", float(top1))
+    record_property("within_2_steps", float(close))
+    print(f"{wq}/{aq}/{bits}/{mode}: top1 {top1:.4f} within2 {close:.4f} bytes {len(flat)}")
+    assert top1 >= 0.995
+    assert close >= 0.99
