@@ -42,7 +42,9 @@ def to_tflite(model: keras.Model, mode: str = "int8", *,
         ``int16x8`` (int16 activations, int8 weights, int16 input/output);
         ``int4_weights`` (int8 activations, weights on a 4-bit grid).
       calibration: representative float inputs; required for a float model (PTQ) in
-        integer modes, unused for a QAT model, whose ranges were learned.
+        integer modes. For a QAT model, whose ranges were learned, it only fills ranges
+        of tensors training did not simulate; without it, full integer is proven
+        afterwards by ``inspect.require_full_integer``.
       qat: ``model`` carries fake-quant ops (its ranges come from training).
 
     Returns:
@@ -64,16 +66,16 @@ def to_tflite(model: keras.Model, mode: str = "int8", *,
         ]
         converter.inference_input_type = converter.inference_output_type = tf.int16
     else:
-        if not qat:
-            # A QAT graph carries its ranges in FakeQuant ops; naming the INT8 op set would
-            # make the converter demand calibration data it does not use. Full integer is
-            # proven afterwards by inspect.require_full_integer instead.
+        if calibration is not None:
+            # Named INT8 op set: the converter must fail rather than leave a float op.
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = converter.inference_output_type = tf.int8
     if mode == "int4_weights":
         converter._experimental_low_bit_qat = True
-    if not qat or mode == "int16x8":
-        if calibration is None:
-            raise ValueError(f"{mode} conversion of a float model needs calibration data")
+    if calibration is not None:
+        # For a QAT model the trained FakeQuant ranges win; calibration only fills the
+        # tensors training did not simulate (inside LayerNormalization, attention).
         converter.representative_dataset = _representative(calibration)
+    elif not qat or mode == "int16x8":
+        raise ValueError(f"{mode} conversion of a float model needs calibration data")
     return converter.convert()

@@ -215,6 +215,18 @@ def tflite_accuracy(model: bytes, x: np.ndarray, y: np.ndarray) -> float:
     return float((run_tflite(model, x).argmax(-1) == y).mean())
 
 
+def _output_in(model: keras.Model, layer) -> object:
+    """The layer's output tensor in ``model``'s own graph.
+
+    ``layer.output`` is the first call's output; a layer reused from another model (as
+    annotation does) has its node for this model later in ``_inbound_nodes``.
+    """
+    for index, node in enumerate(layer._inbound_nodes):
+        if f"{layer.name}_ib-{index}" in model._network_nodes:
+            return node.outputs
+    return layer.output
+
+
 def direct_layer_errors(tflite: bytes, model: keras.Model, x: np.ndarray,
                         name: str = "qat_int8", reference: str = "QAT Keras model",
                         ) -> Diagnostics:
@@ -244,7 +256,8 @@ def direct_layer_errors(tflite: bytes, model: keras.Model, x: np.ndarray,
             if src is None:
                 continue
             pairs.append((i, d["name"], src, layer_of(d["name"], model) or src))
-    probe = keras.Model(model.inputs, [model.get_layer(p[2]).output for p in pairs])
+    probe = keras.Model(model.inputs, [_output_in(model, model.get_layer(p[2]))
+                                       for p in pairs])
     refs = probe.predict(x, batch_size=256, verbose=0)
     if len(pairs) == 1:
         refs = [refs]

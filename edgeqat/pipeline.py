@@ -149,9 +149,10 @@ def write_outputs(result: PipelineResult, output_dir: Path) -> Path:
         for name, content in result.tflites.items():
             (tmp / f"{name}.tflite").write_bytes(content)
         if result.qat_model is not None:  # auto mode may ship without QAT
+            # A SavedModel directory: the one format the QAT wrappers round-trip in.
             with annotate.scope():
-                result.qat_model.save(tmp / "qat_model.h5")
-        result.float_model.save(tmp / "float_model.h5")
+                result.qat_model.save(tmp / "qat_model", save_format="tf")
+        result.float_model.save(tmp / "float_model.keras")
         (tmp / "pipeline.toml").write_text(to_toml(result.config))
         (tmp / "device.toml").write_text(to_toml(result.device))
         report.write_report(result.report, tmp)

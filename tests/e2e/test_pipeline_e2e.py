@@ -18,7 +18,7 @@ def test_tiny_pipeline_end_to_end(tiny_pipeline, tmp_path):
         assert f"stage {stage} done in" in p.stderr
     names = {f.name for f in out.iterdir()}
     assert {"report.json", "report.md", "float.tflite", "ptq_int8.tflite", "qat_int8.tflite",
-            "qat_model.h5", "pipeline.toml", "device.toml"} <= names
+            "qat_model", "float_model.keras", "pipeline.toml", "device.toml"} <= names
     r = json.loads((out / "report.json").read_text())
     acc = r["accuracy"]
     assert set(acc) == {"float_keras", "float_tflite", "ptq_int8", "qat_keras", "qat_int8"}
