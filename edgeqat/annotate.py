@@ -1,14 +1,564 @@
-"""Float model + policy -> QAT model (placeholder until the quantizer library lands)."""
+"""Float model + policy -> quantization-aware (QAT) model.
 
-from edgeqat.keras import keras, tfmot
+Three passes, each a re-execution of the functional graph with a per-node rule:
+
+1. ``flatten``: clone every layer (the user's model is never touched), inline nested
+   models, and turn the ``TFOpLambda`` layers Keras records for ``x + y``, ``x * 3``,
+   ``tf.nn.relu6(x)`` into ``Add``/``Multiply``/``ScalarOp``/``ReLU`` layers.
+2. ``canonicalize`` (float, same function as the input model): fold a BatchNormalization
+   into the convolution/Dense before it using its trained statistics ("fold + freeze":
+   QAT then trains the folded weights and the BN statistics no longer move); turn
+   Rescaling, Normalization and any other BN into ``ChannelAffine`` (one depthwise 1x1
+   op); express Conv1D and, where the policy asks for per-channel weights, Dense as Conv2D
+   between reshapes (per-axis Dense does not convert); split SeparableConv into depthwise +
+   pointwise; split activations TFLite cannot fuse (swish -> sigmoid * x).
+3. ``quantize``: wrap every layer in tfmot's ``QuantizeWrapperV2`` with the
+   ``LayerQuantizeConfig`` its policy rule asks for, and put a ``QuantizeLayer`` on each
+   float input. Unsupported layers are collected and reported together (``UserError``).
+
+tfmot's ``quantize_model``/``quantize_apply`` is not used: its layout transforms refuse
+Conv1D, Rescaling, lone BN, TFOpLambda and nested models. The result holds only tfmot
+wrappers and edgeqat's own serializable objects, so it saves and loads inside ``scope()``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+
+from edgeqat import quantize_configs as qc
+from edgeqat import quantizers
+from edgeqat.config import PolicyConfig
+from edgeqat.errors import UserError
+from edgeqat.keras import keras, require_keras2, tf, tfmot
+from edgeqat.layers import LAYERS, ChannelAffine, ScalarOp
+from edgeqat.policy import LayerSpec, report_unsupported, resolve
+
+L = keras.layers
+KerasTensor = keras.src.engine.keras_tensor.KerasTensor
+_QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapperV2
+from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import (  # noqa: E402
+    QuantizeLayer as _QuantizeLayer,
+)
 
 
-def annotate_model(model: keras.Model, policy, *, sample_x=None) -> keras.Model:
-    """Returns a quantization-aware copy of ``model`` following ``policy``."""
-    del policy, sample_x
-    return tfmot.quantization.keras.quantize_model(model)
+def custom_objects() -> dict:
+    """Every custom object an edgeqat QAT model may hold, by class name."""
+    objs = {cls.__name__: cls for cls in quantizers.QUANTIZERS}
+    objs.update({cls.__name__: cls for cls in qc.CONFIGS})
+    objs.update({cls.__name__: cls for cls in LAYERS})
+    return objs
 
 
 def scope():
-    """Custom objects needed to load a QAT model."""
-    return tfmot.quantization.keras.quantize_scope()
+    """Context manager for loading a QAT model: tfmot's ``quantize_scope`` plus
+    ``custom_objects()``. Nothing is registered globally."""
+    return tfmot.quantization.keras.quantize_scope(custom_objects())
+
+
+def prepare_for_export(qat_model: keras.Model) -> keras.Model:
+    """Returns the model to hand to the converter: ``qat_model`` itself.
+
+    No swap is needed: every edgeqat quantizer's inference-mode graph (the one the
+    converter traces with ``training=False``) is a bare FakeQuantWithMinMaxVars[PerChannel]
+    on the learned range; LSQ's custom gradient exists only in training mode.
+    """
+    return qat_model
+
+
+# ---------------------------------------------------------------------------- graph walking
+
+
+def _is_kt(v) -> bool:
+    return isinstance(v, KerasTensor)
+
+
+def _walk(model: keras.Model, inputs: list, visit) -> list:
+    """Re-runs ``model``'s graph on ``inputs``; ``visit(node, args, kwargs)`` makes each
+    node's outputs. Returns the outputs matching ``model.outputs``."""
+    tmap = {id(kt): t for kt, t in zip(model.inputs, inputs, strict=True)}
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            if node.is_input:
+                continue
+            if not all(id(k) in tmap for k in node.keras_inputs):
+                continue
+            args, kwargs = tf.nest.map_structure(
+                lambda v: tmap[id(v)] if _is_kt(v) else v, (node.call_args, node.call_kwargs))
+            outs = visit(node, args, kwargs)
+            flat_kt = tf.nest.flatten(node.outputs)
+            flat_out = tf.nest.flatten(outs)
+            for kt, o in zip(flat_kt, flat_out, strict=True):
+                tmap[id(kt)] = o
+    return [tmap[id(kt)] for kt in model.outputs]
+
+
+def _new_inputs(model: keras.Model) -> list:
+    return [keras.Input(shape=kt.shape[1:], dtype=kt.dtype, name=kt.name.split(":")[0])
+            for kt in model.inputs]
+
+
+def _consumers(model: keras.Model) -> dict[int, list]:
+    """id(KerasTensor) -> the layers that read it, in ``model``'s own graph."""
+    out: dict[int, list] = {}
+    for nodes in model._nodes_by_depth.values():
+        for node in nodes:
+            if node.is_input:
+                continue
+            for kt in node.keras_inputs:
+                out.setdefault(id(kt), []).append(node.layer)
+    for kt in model.outputs:
+        out.setdefault(id(kt), []).append(None)  # a model output is a consumer too
+    return out
+
+
+class _Names:
+    def __init__(self):
+        self.used: set[str] = set()
+
+    def __call__(self, name: str) -> str:
+        new, i = name, 1
+        while new in self.used:
+            new = f"{name}_{i}"
+            i += 1
+        self.used.add(new)
+        return new
+
+
+def _clone(layer, name: str, **overrides):
+    config = {**layer.get_config(), "name": name, **overrides}
+    return type(layer).from_config(config)
+
+
+# ---------------------------------------------------------------------------- pass 1
+
+
+def _scalar(v):
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, np.ndarray | np.generic) and np.ndim(v) == 0:
+        return float(v)
+    return None
+
+
+def _replace_oplambda(layer, args, kwargs, names, origin, org):
+    """A TFOpLambda node as ordinary layers, or None when not a known op."""
+    sym = layer.symbol
+    operands = list(args) + [kwargs[k] for k in ("x", "y", "features") if k in kwargs]
+    tensors = [o for o in operands if tf.is_tensor(o) or _is_kt(o)]
+    consts = [_scalar(o) for o in operands if not (tf.is_tensor(o) or _is_kt(o))]
+    op = sym.split(".")[-1]
+
+    def make(new_layer, inputs):
+        origin[new_layer.name] = org
+        return new_layer(inputs)
+
+    base = layer.name
+    if op in ("relu6", "relu", "sigmoid", "tanh", "silu", "swish", "gelu") and \
+            len(tensors) == 1 and not consts:
+        if op == "relu6":
+            return make(L.ReLU(6.0, name=names(base)), tensors[0])
+        if op == "relu":
+            return make(L.ReLU(name=names(base)), tensors[0])
+        return make(L.Activation({"silu": "swish"}.get(op, op), name=names(base)), tensors[0])
+    binary = {"add": L.Add, "multiply": L.Multiply, "subtract": L.Subtract, "mul": L.Multiply}
+    if op in binary and len(tensors) == 2:
+        return make(binary[op](name=names(base)), tensors)
+    if len(tensors) == 1 and len(consts) == 1 and consts[0] is not None:
+        c = consts[0]
+        x = tensors[0]
+        x_first = operands.index(x) == 0 if any(o is x for o in operands) else True
+        if op == "add":
+            return make(ScalarOp("add", c, name=names(base)), x)
+        if op in ("multiply", "mul"):
+            return make(ScalarOp("mul", c, name=names(base)), x)
+        if op == "truediv" and x_first and c != 0:
+            return make(ScalarOp("mul", 1.0 / c, name=names(base)), x)
+        if op == "subtract":
+            if x_first:
+                return make(ScalarOp("add", -c, name=names(base)), x)
+            neg = make(ScalarOp("mul", -1.0, name=names(base + "_neg")), x)
+            return make(ScalarOp("add", c, name=names(base)), neg)
+    return None
+
+
+def flatten(model: keras.Model) -> tuple[keras.Model, dict[str, tuple[str, str]]]:
+    """A flat functional copy of ``model`` (nested models inlined, TFOpLambda replaced).
+
+    Returns:
+      The copy, and the origin of each of its layers: name -> (original name, class).
+    """
+    names = _Names()
+    origin: dict[str, tuple[str, str]] = {}
+    clones: dict[int, keras.layers.Layer] = {}
+
+    def visit(node, args, kwargs):
+        layer = node.layer
+        if isinstance(layer, keras.Model):
+            flat_in = [a for a in tf.nest.flatten(args) if tf.is_tensor(a) or _is_kt(a)]
+            outs = _walk(layer, flat_in, visit)
+            return outs[0] if len(outs) == 1 else outs
+        org = (layer.name, type(layer).__name__)
+        if type(layer).__name__ in ("TFOpLambda", "SlicingOpLambda"):
+            out = _replace_oplambda(layer, args, kwargs, names, origin, org)
+            if out is not None:
+                return out
+            org = (layer.name, f"TFOpLambda {layer.symbol}")
+        if id(layer) not in clones:
+            try:
+                clone = _clone(layer, names(layer.name))
+            except Exception as e:  # noqa: BLE001 - reported as a user error
+                raise UserError(f"layer {layer.name} ({type(layer).__name__}) cannot be "
+                                f"copied from its config: {e}") from None
+            clones[id(layer)] = clone
+            origin[clone.name] = org
+            out = clone(*args, **kwargs)
+            clone.set_weights(layer.get_weights())
+            return out
+        return clones[id(layer)](*args, **kwargs)
+
+    inputs = _new_inputs(model)
+    for kt, inp in zip(model.inputs, inputs, strict=True):
+        origin[inp.node.layer.name] = (kt.node.layer.name, "InputLayer")
+        names(inp.node.layer.name)
+    outputs = _walk(model, inputs, visit)
+    return keras.Model(inputs, outputs, name=model.name), origin
+
+
+# ---------------------------------------------------------------------------- pass 2
+
+
+_FOLDABLE = (L.Conv2D, L.Conv1D, L.DepthwiseConv2D, L.Dense, L.Conv2DTranspose,
+             L.SeparableConv2D, L.SeparableConv1D)
+
+
+def _bn_factors(bn):
+    """(scale, shift) with bn(x) = x * scale + shift, from the trained statistics."""
+    w = dict(zip([v.name.split("/")[-1].split(":")[0] for v in bn.weights],
+                 bn.get_weights(), strict=True))
+    var, mean = w["moving_variance"], w["moving_mean"]
+    gamma = w.get("gamma", np.ones_like(var))
+    beta = w.get("beta", np.zeros_like(var))
+    scale = gamma / np.sqrt(var + bn.epsilon)
+    return scale.astype(np.float32), (beta - mean * scale).astype(np.float32)
+
+
+def _bn_last_axis(bn) -> bool:
+    axis = bn.axis if isinstance(bn.axis, list | tuple) else [bn.axis]
+    rank = len(bn.input_shape)
+    return len(axis) == 1 and axis[0] in (-1, rank - 1)
+
+
+def _fold_weights(layer, bn):
+    """The layer's weights with ``bn`` folded in (kernel scaled per output channel)."""
+    scale, shift = _bn_factors(bn)
+    weights = layer.get_weights()
+    kernel_index = 1 if isinstance(layer, L.SeparableConv2D | L.SeparableConv1D) else 0
+    kernel = weights[kernel_index]
+    if isinstance(layer, L.DepthwiseConv2D):
+        kernel = kernel * scale.reshape(kernel.shape[-2], kernel.shape[-1])
+    elif isinstance(layer, L.Conv2DTranspose):
+        kernel = kernel * scale.reshape(1, 1, -1, 1)
+    else:
+        kernel = kernel * scale
+    bias = weights[kernel_index + 1] if layer.use_bias else np.zeros_like(scale)
+    out = list(weights[:kernel_index]) + [kernel.astype(np.float32),
+                                           (bias * scale + shift).astype(np.float32)]
+    return out
+
+
+def canonicalize(flat: keras.Model, origin: dict, wants_per_channel) -> tuple[keras.Model, dict]:
+    """The canonical float model (see the module docstring); same function as ``flat``.
+
+    Args:
+      flat: output of ``flatten``.
+      origin: its origin map (extended here for derived layers).
+      wants_per_channel: name -> whether per-channel weights are asked for (Dense route).
+    """
+    names = _Names()
+    for layer in flat.layers:
+        if isinstance(layer, L.InputLayer):
+            names(layer.name)
+    consumers = _consumers(flat)
+    folded: set[int] = set()
+    origin = dict(origin)
+
+    def derive(new_layer, source_name):
+        origin[new_layer.name] = origin.get(source_name, (source_name, "?"))
+        return new_layer
+
+    def fold_target(layer, node):
+        if not isinstance(layer, _FOLDABLE) or qc.activation_name(layer) != "linear":
+            return None
+        outs = tf.nest.flatten(node.outputs)
+        users = consumers.get(id(outs[0]), [])
+        if len(outs) == 1 and len(users) == 1 and isinstance(users[0], L.BatchNormalization) \
+                and _bn_last_axis(users[0]) and len(users[0]._inbound_nodes) == 1:
+            return users[0]
+        return None
+
+    def activation_after(x, act, base, src):
+        """Applies activation ``act`` as separate layers (swish as sigmoid * x)."""
+        if act in ("linear", None):
+            return x
+        if act == "swish":
+            sig = derive(L.Activation("sigmoid", name=names(base + "_sigmoid")), src)(x)
+            return derive(L.Multiply(name=names(base + "_swish")), src)([x, sig])
+        if act == "relu6":
+            return derive(L.ReLU(6.0, name=names(base + "_relu6")), src)(x)
+        return derive(L.Activation(act, name=names(base + "_" + act)), src)(x)
+
+    def visit(node, args, kwargs):
+        layer = node.layer
+        x = args[0] if args else None
+        if isinstance(layer, L.BatchNormalization) and id(layer) in folded:
+            return x
+        bn = fold_target(layer, node)
+        weights = _fold_weights(layer, bn) if bn is not None else layer.get_weights()
+        if bn is not None:
+            folded.add(id(bn))
+        act = qc.activation_name(layer)
+        fusable = act in qc.FUSABLE_ACTIVATIONS
+        name = layer.name
+
+        if isinstance(layer, L.Conv1D | L.SeparableConv1D) and layer.data_format == \
+                "channels_last" and getattr(layer, "groups", 1) == 1:
+            k, s, d = layer.kernel_size[0], layer.strides[0], layer.dilation_rate[0]
+            h = derive(L.Reshape((1, -1, x.shape[-1]), name=names(name + "_to2d")), name)(x)
+            padding = layer.padding
+            if padding == "causal":
+                h = derive(L.ZeroPadding2D(((0, 0), (d * (k - 1), 0)),
+                                           name=names(name + "_causal")), name)(h)
+                padding = "valid"
+            if isinstance(layer, L.Conv1D):
+                conv = derive(L.Conv2D(layer.filters, (1, k), (1, s), padding,
+                                       dilation_rate=(1, d), use_bias=layer.use_bias or
+                                       bn is not None, name=names(name)), name)
+                h = conv(h)
+                w = [weights[0][None]] + weights[1:]
+                conv.set_weights(w)
+            else:
+                h = _separable(h, layer, weights, (1, k), (1, s), padding, (1, d),
+                               bn is not None, names, derive)
+            h = derive(L.Reshape((-1, layer.filters), name=names(name + "_to1d")), name)(h)
+            return activation_after(h, act, name, name)
+
+        if isinstance(layer, L.SeparableConv2D):
+            h = _separable(x, layer, weights, layer.kernel_size, layer.strides, layer.padding,
+                           layer.dilation_rate, bn is not None, names, derive)
+            return activation_after(h, act, name, name)
+
+        if isinstance(layer, L.Dense) and wants_per_channel(name) and x.shape.rank in (2, 3):
+            units, depth = layer.units, x.shape[-1]
+            shape_in = (1, 1, depth) if x.shape.rank == 2 else (1, -1, depth)
+            shape_out = (units,) if x.shape.rank == 2 else (-1, units)
+            h = derive(L.Reshape(shape_in, name=names(name + "_to4d")), name)(x)
+            conv = derive(L.Conv2D(units, 1, use_bias=layer.use_bias or bn is not None,
+                                   activation=act if fusable else None,
+                                   name=names(name)), name)
+            h = conv(h)
+            conv.set_weights([weights[0][None, None]] + weights[1:])
+            h = derive(L.Reshape(shape_out, name=names(name + "_to2d")), name)(h)
+            return h if fusable else activation_after(h, act, name, name)
+
+        if isinstance(layer, L.Rescaling):
+            new = derive(ChannelAffine(layer.scale, layer.offset, name=names(name)), name)
+            return new(x)
+        if isinstance(layer, L.Normalization) and len(layer.axis) == 1 and \
+                layer.axis[0] in (-1, x.shape.rank - 1):
+            mean = np.asarray(layer.mean).reshape(-1)
+            std = np.maximum(np.sqrt(np.asarray(layer.variance).reshape(-1)),
+                             keras.backend.epsilon())
+            inv = np.broadcast_to(1.0 / std, (x.shape[-1],)) if layer.invert is False \
+                else None
+            if inv is not None:
+                new = derive(ChannelAffine(inv, np.broadcast_to(-mean, inv.shape) * inv,
+                                           name=names(name)), name)
+                return new(x)
+        if isinstance(layer, L.BatchNormalization) and _bn_last_axis(layer):
+            scale, shift = _bn_factors(layer)
+            new = derive(ChannelAffine(scale, shift, name=names(name)), name)
+            return new(x)
+
+        if isinstance(layer, L.Activation) and act == "swish":
+            return activation_after(x, "swish", name, name)
+        if isinstance(layer, L.Activation) and act == "relu6":
+            return derive(L.ReLU(6.0, name=names(name)), name)(x)
+
+        has_act = hasattr(layer, "activation") and not isinstance(layer, L.Activation)
+        overrides = {}
+        if bn is not None:
+            overrides["use_bias"] = True
+        if has_act and not fusable:
+            overrides["activation"] = "linear"
+        if overrides or bn is not None or names.used & {name}:
+            new = derive(_clone(layer, names(name), **overrides), name)
+            out = new(*args, **kwargs)
+            new.set_weights(weights)
+        else:
+            names(name)
+            origin.setdefault(name, (name, type(layer).__name__))
+            out = layer(*args, **kwargs)
+        if has_act and not fusable:
+            out = activation_after(out, act, name, name)
+        return out
+
+    inputs = _new_inputs(flat)
+    for kt, inp in zip(flat.inputs, inputs, strict=True):
+        origin[inp.node.layer.name] = origin.get(kt.node.layer.name,
+                                                 (kt.node.layer.name, "InputLayer"))
+        names(inp.node.layer.name)
+    outputs = _walk(flat, inputs, visit)
+    return keras.Model(inputs, outputs, name=flat.name), origin
+
+
+def _separable(x, layer, weights, kernel, strides, padding, dilation, folded, names, derive):
+    dw = derive(L.DepthwiseConv2D(kernel, strides, padding,
+                                  depth_multiplier=layer.depth_multiplier,
+                                  dilation_rate=dilation, use_bias=False,
+                                  name=names(layer.name + "_depthwise")), layer.name)
+    h = dw(x)
+    dk = weights[0]
+    dw.set_weights([dk[None] if dk.ndim == 3 else dk])
+    pw = derive(L.Conv2D(layer.filters, 1, use_bias=layer.use_bias or folded,
+                         name=names(layer.name)), layer.name)
+    h = pw(h)
+    pk = weights[1]
+    pw.set_weights([pk[None] if pk.ndim == 3 else pk] + list(weights[2:]))
+    return h
+
+
+# ---------------------------------------------------------------------------- pass 3
+
+
+def _fused_into_next(layer, node, consumers) -> bool:
+    """The layer's output goes only to a ReLU that TFLite fuses into this layer's op."""
+    if not isinstance(layer, qc.FUSING_LAYERS) or qc.activation_name(layer) not in (
+            None, "linear"):
+        return False
+    outs = tf.nest.flatten(node.outputs)
+    users = consumers.get(id(outs[0]), [])
+    return (len(outs) == 1 and len(users) == 1 and users[0] is not None
+            and isinstance(users[0], L.ReLU | L.Activation)
+            and qc.relu_bound(users[0]) is not None)
+
+
+def _call_wrapped(wrapper, layer, args, kwargs):
+    """Calls a QuantizeWrapper, passing positional arguments beyond the first by name."""
+    if len(args) > 1:
+        params = [p for p in inspect.signature(layer.call).parameters if p != "self"]
+        kwargs = {**kwargs, **dict(zip(params[1:], args[1:], strict=False))}
+    return wrapper(args[0], **kwargs)
+
+
+def quantize(canon: keras.Model, spec_of) -> keras.Model:
+    """Wraps the canonical model's layers following ``spec_of(name) -> LayerSpec``."""
+    unsupported = []
+    for layer in canon.layers:
+        spec = spec_of(layer.name)
+        if not spec.float and qc.layer_kind(layer) is None:
+            unsupported.append(layer)
+    if unsupported:
+        raise _Unsupported(unsupported)
+    consumers = _consumers(canon)
+    wrappers: dict[int, object] = {}
+
+    def visit(node, args, kwargs):
+        layer = node.layer
+        spec = spec_of(layer.name)
+        if spec.float or qc.layer_kind(layer) == "passthrough":
+            return layer(*args, **kwargs)
+        if id(layer) not in wrappers:
+            quantize_output = not _fused_into_next(layer, node, consumers)
+            separate_output = isinstance(layer, L.MultiHeadAttention)
+            config = qc.make_quantize_config(
+                layer, weight_kind=spec.weight_quantizer, weight_bits=spec.weight_bits,
+                activation_kind=spec.activation_quantizer,
+                activation_bits=spec.activation_bits,
+                quantize_output=quantize_output and not separate_output)
+            out_q = None
+            if separate_output and quantize_output:
+                # The wrapper builds its output quantizer from compute_output_shape(query),
+                # which MultiHeadAttention cannot answer alone: quantize after it instead.
+                out_q = qc.activation_quantizer(spec.activation_quantizer,
+                                                spec.activation_bits, layer)
+            wrappers[id(layer)] = (_QuantizeWrapper(layer, config, name=f"quant_{layer.name}"),
+                                   out_q)
+        wrapper, out_q = wrappers[id(layer)]
+        out = _call_wrapped(wrapper, layer, args, kwargs)
+        if out_q is not None:
+            out = _QuantizeLayer(out_q, name=f"quant_{layer.name}_output")(out)
+        return out
+
+    inputs = _new_inputs(canon)
+    starts = []
+    for kt, inp in zip(canon.inputs, inputs, strict=True):
+        spec = spec_of(kt.node.layer.name)
+        if kt.dtype.is_floating and not spec.float:
+            quant = qc.input_quantizer(spec.activation_quantizer, spec.activation_bits)
+            starts.append(_QuantizeLayer(quant, name=f"quantize_{kt.node.layer.name}")(inp))
+        else:
+            starts.append(inp)
+    outputs = _walk(canon, starts, visit)
+    return keras.Model(inputs, outputs, name=canon.name)
+
+
+class _Unsupported(Exception):
+    def __init__(self, layers):
+        super().__init__("unsupported layers")
+        self.layers = layers
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def annotate_model(model: keras.Model, policy: PolicyConfig, *,
+                   sample_x: np.ndarray | None = None) -> keras.Model:
+    """Returns an uncompiled, trainable quantization-aware copy of ``model``.
+
+    Args:
+      model: a built tf_keras functional or Sequential model (nested models allowed); it
+        is not modified.
+      policy: the rules (``edgeqat.policy``); first match on the original layer names.
+      sample_x: a batch of real inputs. When given, the model runs once on it in training
+        mode so data-initialised state starts from data: LSQ steps (2 mean|x| / sqrt(Qp)),
+        PACT clips, activation ranges. Otherwise the first training step does this.
+
+    Returns:
+      The QAT model (tfmot ``QuantizeWrapperV2``/``QuantizeLayer`` layers); load a saved
+      copy inside ``scope()``.
+
+    Raises:
+      TypeError: ``model`` is a Keras 3 object (or not a model).
+      UserError: a subclassed model, or layers the policy cannot quantize (all listed).
+    """
+    require_keras2(model)
+    if not getattr(model, "_is_graph_network", False):
+        raise UserError(f"model {model.name} is a subclassed Keras model; annotate_model "
+                        "needs a functional or Sequential model (rebuild it with Input)")
+    flat, origin = flatten(model)
+
+    def spec_of_origin(org) -> LayerSpec:
+        return resolve(policy, org[0], org[1].removeprefix("TFOpLambda ").split()[0]
+                       if not org[1].startswith("TFOpLambda") else "TFOpLambda")
+
+    def wants_per_channel(name):
+        spec = spec_of_origin(origin.get(name, (name, "?")))
+        return not spec.float and spec.weight_quantizer in ("per_channel", "lsq")
+
+    canon, origin2 = canonicalize(flat, origin, wants_per_channel)
+
+    def spec_of(name):
+        return spec_of_origin(origin2.get(name, (name, "?")))
+
+    try:
+        qat = quantize(canon, spec_of)
+    except _Unsupported as e:
+        report_unsupported((origin2.get(layer.name, (layer.name, ""))[0],
+                            origin2.get(layer.name, ("", type(layer).__name__))[1],
+                            "no quantize config for this layer kind") for layer in e.layers)
+        raise
+    if sample_x is not None:
+        qat(np.asarray(sample_x), training=True)
+    return qat

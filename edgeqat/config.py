@@ -8,6 +8,7 @@ allowed. No TensorFlow import happens here, so a bad file fails in milliseconds.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -54,27 +55,37 @@ class ModelConfig:
     learning_rate: float = 2e-3
 
 
+WEIGHT_QUANTIZERS = ("per_channel", "per_tensor", "lsq")
+ACTIVATION_QUANTIZERS = ("moving_average", "relu6", "pact", "lsq", "percentile", "mse")
+
+
 @dataclass(frozen=True)
 class RuleConfig:
-    """One policy rule: layers it matches, and how they are quantized. First match wins."""
+    """One policy rule: which layers it matches and how they are quantized.
 
-    layers: str = ".*"  # regex, full match on the layer name
-    classes: str = ".*"  # regex, full match on the layer class name
-    scheme: str = "default_int8"
-    weight_bits: int = 8
-    activation_bits: int = 8
-    weight_quantizer: str = choice("per_channel", ("per_channel", "per_tensor", "lsq"))
-    activation_quantizer: str = choice(
-        "moving_average", ("moving_average", "relu6", "pact", "lsq", "percentile", "mse")
-    )
-    float: bool = False  # leave the matched layers in float (breaks full-integer export)
+    ``layers`` and ``classes`` are regexes that must fully match the layer name and its
+    class name (both, when both are given). Rules are tried in order; the first match wins.
+    """
+
+    layers: str = ".*"
+    classes: str = ".*"
+    float: bool = False  # leave matched layers in float (conversion then needs calibration)
+    weight_bits: int = 8  # 2..8 (4: int4_weights mode)
+    activation_bits: int = 8  # 2..16 (16: int16x8 mode)
+    weight_quantizer: str = choice("per_channel", WEIGHT_QUANTIZERS,
+                                   "per_channel: symmetric last-value (per tensor where a "
+                                   "layer cannot convert per channel); lsq: learned step")
+    activation_quantizer: str = choice("moving_average", ACTIVATION_QUANTIZERS,
+                                       "relu6: fixed [0, 6] on ReLU6 outputs, moving "
+                                       "average elsewhere")
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """Ordered rules; layers no rule matches get the default rule."""
+    """Ordered rules (first match wins); layers no rule matches get ``default``."""
 
     rules: tuple[RuleConfig, ...] = ()
+    default: RuleConfig = RuleConfig()
 
 
 @dataclass(frozen=True)
@@ -274,20 +285,22 @@ def _check_pipeline(cfg: PipelineConfig, file: str) -> None:
         raise ConfigError(f"{file}: validate.max_accuracy_drop must be a fraction in [0, 1]")
     if not 0 <= cfg.data.validation_fraction < 1:
         raise ConfigError(f"{file}: data.validation_fraction must be in [0, 1)")
-    for i, rule in enumerate(cfg.policy.rules):
-        for key in ("layers", "classes"):
-            try:
-                import re
+    rules = [(f"policy.rules[{i}]", r) for i, r in enumerate(cfg.policy.rules)]
+    for where, rule in [*rules, ("policy.default", cfg.policy.default)]:
+        _check_rule(rule, where, file)
 
-                re.compile(getattr(rule, key))
-            except re.error as e:
-                raise ConfigError(
-                    f"{file}: policy.rules[{i}].{key} is not a valid regex: {e}"
-                ) from None
-        for key in ("weight_bits", "activation_bits"):
-            bits = getattr(rule, key)
-            if not 2 <= bits <= 16:
-                raise ConfigError(f"{file}: policy.rules[{i}].{key} = {bits} must be 2..16")
+
+def _check_rule(rule: RuleConfig, where: str, file: str) -> None:
+    for key in ("layers", "classes"):
+        try:
+            re.compile(getattr(rule, key))
+        except re.error as e:
+            raise ConfigError(f"{file}: {where}.{key} is not a valid regex: {e}") from None
+    if not 2 <= rule.weight_bits <= 8:
+        raise ConfigError(f"{file}: {where}.weight_bits = {rule.weight_bits} must be 2..8")
+    if not 2 <= rule.activation_bits <= 16:
+        raise ConfigError(
+            f"{file}: {where}.activation_bits = {rule.activation_bits} must be 2..16")
 
 
 def to_toml(cfg: Any) -> str:

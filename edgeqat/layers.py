@@ -1,0 +1,90 @@
+"""Small Keras layers that annotation puts in place of constructs TFLite cannot quantize.
+
+Each one lowers to a single integer TFLite op (plus shape-only reshapes), so its output is
+the only tensor that needs a quantization range.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgeqat.keras import keras, tf
+
+
+class ChannelAffine(keras.layers.Layer):
+    """y = x * kernel + bias per channel (last axis), as one 1x1 depthwise convolution.
+
+    Stands in for ``Rescaling``, ``Normalization`` and a ``BatchNormalization`` that no
+    convolution precedes: in TFLite those become MUL then ADD, whose float intermediate
+    has no trained range; a depthwise 1x1 convolution is one integer op. Inputs of rank 2
+    and 3 are reshaped to rank 4 and back (shape-only ops).
+
+    Args:
+      scale: per-channel (or scalar) multiplier, used to initialise ``kernel``.
+      offset: per-channel (or scalar) addend, used to initialise ``bias``.
+    """
+
+    def __init__(self, scale=1.0, offset=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = np.asarray(scale, np.float32).tolist()
+        self.offset = np.asarray(offset, np.float32).tolist()
+
+    def build(self, input_shape):
+        channels = int(input_shape[-1])
+        scale = np.broadcast_to(np.asarray(self.scale, np.float32), (channels,))
+        offset = np.broadcast_to(np.asarray(self.offset, np.float32), (channels,))
+        # Depthwise layout (1, 1, C, 1): the converter's axis for depthwise weights.
+        self.kernel = self.add_weight(
+            "kernel", shape=(1, 1, channels, 1),
+            initializer=keras.initializers.Constant(scale.reshape(1, 1, channels, 1)))
+        self.bias = self.add_weight("bias", shape=(channels,),
+                                    initializer=keras.initializers.Constant(offset))
+        super().build(input_shape)
+
+    def call(self, inputs):
+        rank = inputs.shape.rank
+        x = inputs
+        if rank == 2:
+            x = x[:, None, None, :]
+        elif rank == 3:
+            x = x[:, None, :, :]
+        elif rank != 4:
+            raise ValueError(f"ChannelAffine takes rank 2..4 inputs, got rank {rank}")
+        y = tf.nn.depthwise_conv2d(x, self.kernel, strides=(1, 1, 1, 1), padding="VALID")
+        y = tf.nn.bias_add(y, self.bias)
+        if rank == 2:
+            y = y[:, 0, 0, :]
+        elif rank == 3:
+            y = y[:, 0, :, :]
+        return y
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale, "offset": self.offset}
+
+
+class ScalarOp(keras.layers.Layer):
+    """``x + value`` or ``x * value`` with a Python scalar: what Keras records as a
+    ``TFOpLambda`` for ``x + 3.0`` (MobileNetV3's hard-sigmoid) becomes this layer.
+
+    Args:
+      op: ``"add"`` or ``"mul"``.
+      value: the scalar constant.
+    """
+
+    def __init__(self, op: str = "add", value: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        if op not in ("add", "mul"):
+            raise ValueError(f"ScalarOp op = {op!r} must be 'add' or 'mul'")
+        self.op = op
+        self.value = float(value)
+
+    def call(self, inputs):
+        if self.op == "add":
+            return inputs + self.value
+        return inputs * self.value
+
+    def get_config(self):
+        return {**super().get_config(), "op": self.op, "value": self.value}
+
+
+LAYERS = (ChannelAffine, ScalarOp)

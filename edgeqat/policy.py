@@ -1,0 +1,90 @@
+"""Policy: which quantization each layer gets, from ordered ``[[policy.rules]]``.
+
+A rule matches a layer when its ``layers`` regex fully matches the layer's name and its
+``classes`` regex fully matches the layer's class name (the names of the model as the
+user built it: layers that annotation derives, such as a split-out activation, follow the
+rule of the layer they came from). The first matching rule wins; a layer no rule matches
+gets ``policy.default``. ``float = true`` leaves the matched layers unquantized, which
+only a converter with calibration data can still turn into integer ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable
+
+from edgeqat.config import PolicyConfig, RuleConfig
+from edgeqat.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """The resolved quantization of one layer."""
+
+    rule: int | None  # index into policy.rules; None: policy.default
+    float: bool
+    weight_bits: int
+    activation_bits: int
+    weight_quantizer: str
+    activation_quantizer: str
+
+    @classmethod
+    def from_rule(cls, rule: RuleConfig, index: int | None) -> LayerSpec:
+        return cls(index, rule.float, rule.weight_bits, rule.activation_bits,
+                   rule.weight_quantizer, rule.activation_quantizer)
+
+
+def resolve(policy: PolicyConfig, name: str, class_name: str) -> LayerSpec:
+    """The spec of the first rule matching (``name``, ``class_name``), else the default."""
+    for i, rule in enumerate(policy.rules):
+        if re.fullmatch(rule.layers, name) and re.fullmatch(rule.classes, class_name):
+            return LayerSpec.from_rule(rule, i)
+    return LayerSpec.from_rule(policy.default, None)
+
+
+def report_unsupported(layers: Iterable[tuple[str, str, str]]) -> None:
+    """Raises one UserError naming every layer annotation cannot quantize.
+
+    Args:
+      layers: (layer name, class name, why) for each unsupported layer.
+
+    Raises:
+      UserError: when ``layers`` is not empty.
+    """
+    layers = list(layers)
+    if not layers:
+        return
+    listed = "; ".join(f"{name} ({cls}: {why})" for name, cls, why in layers)
+    names = "|".join(re.escape(name) for name, _, _ in layers)
+    raise UserError(
+        f"{len(layers)} layer(s) cannot be quantized: {listed}. Replace them with supported "
+        f"layers, or keep them in float (not full-integer; conversion then needs "
+        f"calibration data) with a first rule: [[policy.rules]] layers = '^({names})$' "
+        f"float = true")
+
+
+def uniform(weight_bits: int = 8, activation_bits: int = 8,
+            weight_quantizer: str = "per_channel",
+            activation_quantizer: str = "moving_average") -> PolicyConfig:
+    """A policy with no rules: every layer gets the same scheme."""
+    return PolicyConfig(default=RuleConfig(
+        weight_bits=weight_bits, activation_bits=activation_bits,
+        weight_quantizer=weight_quantizer, activation_quantizer=activation_quantizer))
+
+
+def mixed_precision(first: str, last: str, low_bits: int = 4,
+                    base: PolicyConfig | None = None) -> PolicyConfig:
+    """First and last layers at 8-bit weights, every other layer at ``low_bits`` weights.
+
+    Args:
+      first: name of the first weighted layer.
+      last: name of the last weighted layer.
+      low_bits: weight bits for the rest.
+      base: supplies the quantizer kinds (default: ``uniform()``).
+    """
+    base = base or uniform()
+    edge = dataclasses.replace(base.default, layers=f"^({re.escape(first)}|{re.escape(last)})$",
+                               weight_bits=8)
+    rest = dataclasses.replace(base.default, weight_bits=low_bits)
+    return PolicyConfig(rules=(*base.rules, edge), default=rest)

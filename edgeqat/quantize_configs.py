@@ -1,0 +1,272 @@
+"""tfmot ``QuantizeConfig``s: which tensors of a layer are quantized, and by what.
+
+Annotation (``edgeqat.annotate``) first rewrites a model into a canonical float form in
+which every layer is one of the kinds below (nested models inlined, BN folded, Conv1D and
+per-channel Dense expressed as Conv2D, SeparableConv split, Rescaling/Normalization and
+standalone BN as ``ChannelAffine``, TFOpLambda as ``Add``/``Multiply``/``ScalarOp``/
+``ReLU``, non-fusable activations split out). This module then says, per layer kind:
+
+* ``PASSTHROUGH`` layers only move or select values (reshape, max-pool, padding,
+  dropout...): TFLite keeps the input's scale, so they are not wrapped at all.
+* ``WEIGHT_ATTRS`` layers quantize the listed weights (dotted paths reach sublayers, as in
+  MultiHeadAttention) and their output.
+* ``OUTPUT_ONLY`` layers quantize their output (elementwise, pooling, activations,
+  LayerNormalization).
+
+A layer of none of these kinds is unsupported: the policy reports it, it is never left in
+float silently.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from edgeqat import quantizers as q
+from edgeqat.keras import keras, tfmot
+from edgeqat.layers import ChannelAffine, ScalarOp
+
+L = keras.layers
+
+PASSTHROUGH = (
+    L.InputLayer, L.Reshape, L.Flatten, L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D,
+    L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.Dropout, L.SpatialDropout1D,
+    L.SpatialDropout2D, L.GaussianNoise, L.GaussianDropout, L.AlphaDropout,
+    L.ZeroPadding1D, L.ZeroPadding2D, L.Cropping1D, L.Cropping2D, L.Permute,
+    L.UpSampling1D, L.RepeatVector, L.ActivityRegularization,
+)
+
+# Weight attributes and whether they may be quantized per channel (last axis) and still
+# convert: conv kernels yes; Dense no ('tfl.transpose' mismatched quantized axes; annotate
+# rewrites a per-channel Dense as a 1x1 Conv2D instead); depthwise and transposed-conv
+# kernels have a size-1 or input-channel last axis, so per tensor (as tfmot does).
+WEIGHT_ATTRS: dict[type, tuple[tuple[str, ...], bool]] = {
+    L.Conv2D: (("kernel",), True),
+    L.Conv1D: (("kernel",), True),
+    L.DepthwiseConv2D: (("depthwise_kernel",), False),
+    L.SeparableConv2D: (("depthwise_kernel", "pointwise_kernel"), False),
+    L.SeparableConv1D: (("depthwise_kernel", "pointwise_kernel"), False),
+    L.Conv2DTranspose: (("kernel",), False),
+    L.Dense: (("kernel",), False),
+    L.EinsumDense: (("kernel",), False),
+    L.Embedding: (("embeddings",), False),
+    L.MultiHeadAttention: (("_query_dense.kernel", "_key_dense.kernel",
+                            "_value_dense.kernel", "_output_dense.kernel"), False),
+    ChannelAffine: (("kernel",), False),
+}
+
+OUTPUT_ONLY = (
+    L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum, L.Concatenate,
+    L.AveragePooling1D, L.AveragePooling2D, L.GlobalAveragePooling1D,
+    L.GlobalAveragePooling2D, L.ReLU, L.LeakyReLU, L.Softmax, L.Activation,
+    L.LayerNormalization, ScalarOp, L.UpSampling2D,
+)
+
+# Activations TFLite fuses into the op before it (CONV_2D, DEPTHWISE_CONV_2D,
+# FULLY_CONNECTED, ADD): no range is needed between the op and them.
+FUSABLE_ACTIVATIONS = ("linear", "relu", "relu6")
+FUSING_LAYERS = (L.Conv2D, L.DepthwiseConv2D, L.Dense, L.Add)
+
+# Element-wise activations with an integer TFLite kernel.
+ACTIVATIONS = ("linear", "relu", "relu6", "sigmoid", "tanh", "softmax", "gelu",
+               "hard_sigmoid", "elu")
+
+NONNEGATIVE_ACTIVATIONS = ("relu", "relu6", "sigmoid", "softmax", "hard_sigmoid")
+
+
+def activation_name(layer) -> str | None:
+    """The name of a layer's activation function, or None when it has none."""
+    act = getattr(layer, "activation", None)
+    if act is None:
+        return None
+    name = getattr(act, "__name__", str(act))
+    return {"silu": "swish"}.get(name, name)
+
+
+def relu_bound(layer) -> float | None:
+    """The upper bound of a ReLU-like layer's output (inf for plain ReLU), else None."""
+    if isinstance(layer, L.ReLU):
+        if float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0:
+            return None
+        return float("inf") if layer.max_value is None else float(layer.max_value)
+    act = activation_name(layer)
+    if isinstance(layer, L.Activation | ScalarOp) or act is None:
+        return {"relu": float("inf"), "relu6": 6.0}.get(act)
+    return {"relu": float("inf"), "relu6": 6.0}.get(act)
+
+
+def is_nonnegative(layer) -> bool:
+    """Whether the layer's output can never be negative (unsigned activation grid)."""
+    if relu_bound(layer) is not None:
+        return True
+    return activation_name(layer) in NONNEGATIVE_ACTIVATIONS or isinstance(layer, L.Softmax)
+
+
+def layer_kind(layer) -> str | None:
+    """``passthrough``, ``weights``, ``output``, or None (unsupported)."""
+    if isinstance(layer, L.Activation) and activation_name(layer) == "linear":
+        return "passthrough"
+    if isinstance(layer, PASSTHROUGH):
+        return "passthrough"
+    if type(layer) in WEIGHT_ATTRS:
+        return "weights"
+    if isinstance(layer, L.Activation):
+        return "output" if activation_name(layer) in ACTIVATIONS else None
+    if isinstance(layer, OUTPUT_ONLY):
+        return "output"
+    return None
+
+
+def _get(obj, path: str):
+    return functools.reduce(getattr, path.split("."), obj)
+
+
+def _set(obj, path: str, value) -> None:
+    *parents, leaf = path.split(".")
+    setattr(functools.reduce(getattr, parents, obj), leaf, value)
+
+
+def _serialize(quantizer):
+    if quantizer is None:
+        return None
+    return {"class_name": type(quantizer).__name__, "config": quantizer.get_config()}
+
+
+def _deserialize(config):
+    if config is None:
+        return None
+    by_name = {cls.__name__: cls for cls in q.QUANTIZERS}
+    if config["class_name"] not in by_name:
+        raise ValueError(f"unknown edgeqat quantizer {config['class_name']!r}")
+    return by_name[config["class_name"]].from_config(config["config"])
+
+
+class LayerQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
+    """Quantizes a layer's named weights with one quantizer and its output with another.
+
+    Args:
+      weight_attrs: attribute paths of the weights to quantize (``"kernel"``,
+        ``"_query_dense.kernel"``); each is read before the layer's call and replaced by
+        its fake-quantized value, as tfmot's own configs do.
+      weight_quantizer: the quantizer for every listed weight (None: no weights).
+      output_quantizer: the quantizer for the layer's output (None: the output is left
+        for the next op, e.g. a ReLU that TFLite fuses into this layer).
+    """
+
+    def __init__(self, weight_attrs=(), weight_quantizer=None, output_quantizer=None):
+        self.weight_attrs = tuple(weight_attrs)
+        self.weight_quantizer = weight_quantizer
+        self.output_quantizer = output_quantizer
+
+    def get_weights_and_quantizers(self, layer):
+        return [(_get(layer, a), self.weight_quantizer) for a in self.weight_attrs]
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        if len(quantize_weights) != len(self.weight_attrs):
+            raise ValueError(f"{layer.name}: expected {len(self.weight_attrs)} weights, "
+                             f"got {len(quantize_weights)}")
+        for attr, weight in zip(self.weight_attrs, quantize_weights, strict=True):
+            _set(layer, attr, weight)
+
+    def get_activations_and_quantizers(self, layer):
+        return []
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        pass
+
+    def get_output_quantizers(self, layer):
+        return [self.output_quantizer] if self.output_quantizer is not None else []
+
+    def get_config(self):
+        return {"weight_attrs": list(self.weight_attrs),
+                "weight_quantizer": _serialize(self.weight_quantizer),
+                "output_quantizer": _serialize(self.output_quantizer)}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config["weight_attrs"], _deserialize(config["weight_quantizer"]),
+                   _deserialize(config["output_quantizer"]))
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    def __repr__(self):
+        return (f"LayerQuantizeConfig({list(self.weight_attrs)}, {self.weight_quantizer!r}, "
+                f"{self.output_quantizer!r})")
+
+
+WEIGHT_KINDS = ("per_channel", "per_tensor", "lsq")
+ACTIVATION_KINDS = ("moving_average", "relu6", "pact", "lsq", "percentile", "mse")
+
+
+def weight_quantizer(kind: str, bits: int, per_channel_ok: bool):
+    """A weight quantizer of ``kind``; per channel only where the layer converts that way."""
+    if kind == "per_tensor":
+        return q.PerChannelWeightQuantizer(bits, per_channel=False)
+    if kind == "per_channel":
+        return q.PerChannelWeightQuantizer(bits, per_channel=per_channel_ok)
+    if kind == "lsq":
+        return q.LsqQuantizer(bits, per_channel=per_channel_ok, signed=True, narrow_range=True)
+    raise ValueError(f"weight quantizer {kind!r} is not one of {', '.join(WEIGHT_KINDS)}")
+
+
+def activation_quantizer(kind: str, bits: int, layer=None):
+    """An output quantizer of ``kind`` suited to ``layer``'s output sign and bound.
+
+    ``relu6`` gives the fixed [0, 6] quantizer to layers whose output is ReLU6-bounded
+    and the moving-average one to the rest of the layers the rule matches; ``pact`` and
+    ``lsq`` use an unsigned grid where the output is provably non-negative.
+    """
+    nonneg = layer is not None and is_nonnegative(layer)
+    if kind == "moving_average":
+        return q.MovingAverageRangeQuantizer(bits)
+    if kind == "relu6":
+        if layer is not None and relu_bound(layer) == 6.0:
+            return q.Relu6Quantizer(bits)
+        return q.MovingAverageRangeQuantizer(bits)
+    if kind == "pact":
+        return q.PactQuantizer(bits, signed=not nonneg)
+    if kind == "lsq":
+        return q.LsqQuantizer(bits, per_channel=False, signed=not nonneg)
+    if kind == "percentile":
+        return q.PercentileQuantizer(bits)
+    if kind == "mse":
+        return q.MseRangeQuantizer(bits)
+    raise ValueError(f"activation quantizer {kind!r} is not one of {', '.join(ACTIVATION_KINDS)}")
+
+
+def make_quantize_config(layer, *, weight_kind: str = "per_channel", weight_bits: int = 8,
+                         activation_kind: str = "moving_average", activation_bits: int = 8,
+                         quantize_output: bool = True) -> LayerQuantizeConfig | None:
+    """The config for one canonical layer, or None for a pass-through layer.
+
+    Raises:
+      ValueError: the layer kind is unsupported (the policy turns this into a UserError
+        that lists every such layer).
+    """
+    kind = layer_kind(layer)
+    if kind is None:
+        raise ValueError(f"{layer.name} ({type(layer).__name__}) has no quantize config")
+    if kind == "passthrough":
+        return None
+    out = activation_quantizer(activation_kind, activation_bits, layer) if quantize_output \
+        else None
+    if isinstance(layer, L.Embedding):
+        out = None  # GATHER keeps the table's scale
+    if kind == "weights":
+        attrs, per_channel_ok = WEIGHT_ATTRS[type(layer)]
+        return LayerQuantizeConfig(attrs, weight_quantizer(weight_kind, weight_bits,
+                                                           per_channel_ok), out)
+    return LayerQuantizeConfig((), None, out)
+
+
+def input_quantizer(activation_kind: str = "moving_average", activation_bits: int = 8):
+    """The quantizer for a model input (inputs are signed in general)."""
+    if activation_kind == "relu6":
+        activation_kind = "moving_average"
+    return activation_quantizer(activation_kind, activation_bits, None)
+
+
+CONFIGS = (LayerQuantizeConfig,)

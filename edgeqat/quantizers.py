@@ -1,0 +1,443 @@
+"""tfmot ``Quantizer`` subclasses whose forward pass is a TFLite-convertible FakeQuant.
+
+The TFLite converter recognises quantization only through
+``tf.quantization.fake_quant_with_min_max_vars`` (per tensor) and
+``fake_quant_with_min_max_vars_per_channel`` (last axis). Every quantizer here computes its
+forward value with exactly one of those ops, fed with the range it learned or tracked; in
+inference mode (``training=False``, the mode the converter traces) the graph holds nothing
+else. Learned parameters whose paper gradient differs from FakeQuant's (LSQ) use a
+``tf.custom_gradient`` only in training mode, so the exported graph is a plain FakeQuant.
+
+Conventions (TFLite int8): weights symmetric, narrow range ``[-(2^(b-1)-1), 2^(b-1)-1]``;
+activations asymmetric per tensor with zero exactly representable (FakeQuant nudges
+``min``/``max`` so that it is; the range trackers below also force ``min <= 0 <= max``).
+
+Variables are created on the layer that owns the quantizer (tfmot's contract); their names
+are made unique per layer so a layer with several quantized tensors of one name
+(MultiHeadAttention's four ``kernel``s) saves and loads.
+"""
+
+from __future__ import annotations
+
+import math
+
+from edgeqat.keras import keras, tf, tfmot
+
+_Quantizer = tfmot.quantization.keras.quantizers.Quantizer
+_EPS = 1e-8
+
+
+def fake_quant(x, lo, hi, num_bits: int, narrow_range: bool = False, per_channel: bool = False):
+    """The one forward op every quantizer emits (the converter's recognised pattern)."""
+    if per_channel:
+        return tf.quantization.fake_quant_with_min_max_vars_per_channel(
+            x, lo, hi, num_bits=num_bits, narrow_range=narrow_range)
+    return tf.quantization.fake_quant_with_min_max_vars(
+        x, lo, hi, num_bits=num_bits, narrow_range=narrow_range)
+
+
+def _unique(layer, name: str) -> str:
+    taken = {w.name.split("/")[-1].split(":")[0] for w in layer.weights}
+    if name not in taken:
+        return name
+    i = 1
+    while f"{name}_{i}" in taken:
+        i += 1
+    return f"{name}_{i}"
+
+
+def _check_bits(num_bits: int) -> None:
+    if not 2 <= int(num_bits) <= 16:
+        raise ValueError(f"num_bits = {num_bits} must be 2..16 (FakeQuant's range)")
+
+
+class _Base(_Quantizer):
+    """Equality and serialization by ``get_config`` (what the round-trip tests check)."""
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    def __hash__(self):
+        return hash((type(self).__name__, tuple(sorted(self.get_config().items()))))
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+class PerChannelWeightQuantizer(_Base):
+    """Symmetric, narrow-range weight quantizer, per output channel (last axis) or per tensor.
+
+    Forward:  m = max|w| over every axis but the last (per channel) or over all (per tensor);
+              q(w) = clip(round(w / s), -Qp, Qp) * s with s = m / Qp, Qp = 2^(b-1) - 1,
+              emitted as FakeQuantWithMinMaxVars[PerChannel](w, -m, m, narrow_range=True).
+    Backward: straight-through estimator: dq/dw = 1 (no value of w lies outside [-m, m]);
+              m is recomputed from w each step and receives no gradient.
+    Paper:    the TFLite int8 scheme, Jacob et al. 2018 (arXiv:1712.05877) and
+              Krishnamoorthi 2018 (arXiv:1806.08342), per-channel weights.
+
+    The range is read from the weights themselves in both modes ("last value"), so the
+    converter folds it to a constant and a model never disagrees with its stored range.
+    """
+
+    def __init__(self, num_bits: int = 8, per_channel: bool = True):
+        _check_bits(num_bits)
+        self.num_bits = int(num_bits)
+        self.per_channel = bool(per_channel)
+
+    def build(self, tensor_shape, name, layer):
+        return {}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        if self.per_channel:
+            axes = list(range(inputs.shape.rank - 1))
+            m = tf.reduce_max(tf.abs(inputs), axis=axes)
+        else:
+            m = tf.reduce_max(tf.abs(inputs))
+        m = tf.maximum(tf.stop_gradient(m), _EPS)
+        return fake_quant(inputs, -m, m, self.num_bits, narrow_range=True,
+                          per_channel=self.per_channel)
+
+    def get_config(self):
+        return {"num_bits": self.num_bits, "per_channel": self.per_channel}
+
+
+# ---------------------------------------------------------------------------- fixed range
+
+
+class Relu6Quantizer(_Base):
+    """Fixed-range [0, 6] activation quantizer for ReLU6 outputs; needs no calibration.
+
+    Forward:  q(x) = clip(round(x / s), 0, 2^b - 1) * s with s = 6 / (2^b - 1)
+              (6/255 at 8 bits), as FakeQuantWithMinMaxVars(x, 0, 6).
+    Backward: straight-through inside [0, 6], zero outside (FakeQuant's gradient).
+    Paper:    MobileNetV2 (Sandler et al. 2018, arXiv:1801.04381) uses ReLU6 for its
+              robustness in low precision; fixed range as in Jacob et al. 2018.
+    """
+
+    def __init__(self, num_bits: int = 8):
+        _check_bits(num_bits)
+        self.num_bits = int(num_bits)
+
+    def build(self, tensor_shape, name, layer):
+        return {}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        return fake_quant(inputs, tf.constant(0.0), tf.constant(6.0), self.num_bits)
+
+    def get_config(self):
+        return {"num_bits": self.num_bits}
+
+
+# ---------------------------------------------------------------------------- tracked ranges
+
+
+class _RangeTracker(_Base):
+    """Asymmetric per-tensor range kept in two non-trainable variables.
+
+    Training: the batch statistic (``_batch_range``) is blended into the variables by an
+    exponential moving average (the first batch sets them); inference reads them.
+    """
+
+    def __init__(self, num_bits: int = 8, decay: float = 0.99):
+        _check_bits(num_bits)
+        self.num_bits = int(num_bits)
+        self.decay = float(decay)
+
+    def build(self, tensor_shape, name, layer):
+        def var(suffix, value):
+            return layer.add_weight(_unique(layer, f"{name}_{suffix}"), shape=(),
+                                    initializer=keras.initializers.Constant(value),
+                                    trainable=False)
+
+        return {"min": var("min", -6.0), "max": var("max", 6.0), "seen": var("seen", 0.0)}
+
+    def _batch_range(self, x):
+        return tf.reduce_min(x), tf.reduce_max(x)
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        lo_v, hi_v, seen = weights["min"], weights["max"], weights["seen"]
+        if training:
+            lo_b, hi_b = self._batch_range(tf.stop_gradient(inputs))
+            d = tf.where(seen > 0, self.decay, 0.0)
+            lo = lo_v.assign(d * lo_v + (1.0 - d) * tf.minimum(lo_b, 0.0))
+            hi = hi_v.assign(d * hi_v + (1.0 - d) * tf.maximum(hi_b, 0.0))
+            with tf.control_dependencies([lo, hi]):
+                seen_op = seen.assign(1.0)
+            with tf.control_dependencies([seen_op]):
+                lo, hi = tf.identity(lo), tf.identity(hi)
+        else:
+            lo, hi = lo_v, hi_v
+        lo = tf.minimum(lo, 0.0)
+        hi = tf.maximum(hi, lo + _EPS)
+        return fake_quant(inputs, lo, hi, self.num_bits)
+
+    def get_config(self):
+        return {"num_bits": self.num_bits, "decay": self.decay}
+
+
+class MovingAverageRangeQuantizer(_RangeTracker):
+    """Asymmetric activation quantizer with a moving-average min/max range.
+
+    Forward:  q(x) = FakeQuantWithMinMaxVars(x, m, M), with m <= 0 <= M the exponential
+              moving averages (decay d) of the batch min and max (the first batch sets them;
+              FakeQuant nudges them so zero is exact).
+    Backward: straight-through inside [m, M], zero outside; m, M get no gradient.
+    Paper:    Jacob et al. 2018 (arXiv:1712.05877), section 3 ("EMA of activation ranges").
+    """
+
+
+class PercentileQuantizer(_RangeTracker):
+    """Asymmetric activation quantizer whose range ignores the extreme outliers.
+
+    Forward:  m, M = EMA of the batch's (100 - p)th and pth percentiles (p = 99.99 by
+              default, over at most 65536 evenly strided elements); q(x) =
+              FakeQuantWithMinMaxVars(x, min(m, 0), max(M, 0)): values beyond are clipped.
+    Backward: straight-through inside [m, M], zero outside; m, M get no gradient.
+    Paper:    percentile calibration, Wu et al. 2020, "Integer Quantization for Deep
+              Learning Inference" (arXiv:2004.09602), section 4.
+    """
+
+    def __init__(self, num_bits: int = 8, decay: float = 0.99, percentile: float = 99.99):
+        super().__init__(num_bits, decay)
+        if not 50.0 < float(percentile) <= 100.0:
+            raise ValueError(f"percentile = {percentile} must be in (50, 100]")
+        self.percentile = float(percentile)
+
+    def _batch_range(self, x):
+        flat = tf.reshape(x, [-1])
+        n = tf.size(flat)
+        stride = tf.maximum(n // 65536, 1)
+        flat = tf.sort(flat[::stride])
+        k = tf.cast(tf.size(flat) - 1, tf.float32)
+        q = self.percentile / 100.0
+        hi = tf.gather(flat, tf.cast(tf.round(k * q), tf.int32))
+        lo = tf.gather(flat, tf.cast(tf.round(k * (1.0 - q)), tf.int32))
+        return lo, hi
+
+    def get_config(self):
+        return {**super().get_config(), "percentile": self.percentile}
+
+
+class MseRangeQuantizer(_RangeTracker):
+    """Asymmetric activation quantizer whose range minimises the quantization MSE.
+
+    Forward:  for c in a grid of clip ratios (0.3 .. 1.0), the batch range c * [min, max]
+              with the smallest mean (q(x) - x)^2 is blended into an EMA; q(x) =
+              FakeQuantWithMinMaxVars(x, m, M) with that range.
+    Backward: straight-through inside [m, M], zero outside; m, M get no gradient.
+    Paper:    MSE-optimal clipping, Banner et al. 2019 (arXiv:1810.05723) and
+              Sung et al. 2015; the grid search form follows Nagel et al. 2021
+              (arXiv:2106.08295), section 3.5.
+    """
+
+    def __init__(self, num_bits: int = 8, decay: float = 0.99, steps: int = 15):
+        super().__init__(num_bits, decay)
+        self.steps = int(steps)
+
+    def _batch_range(self, x):
+        lo0 = tf.minimum(tf.reduce_min(x), 0.0)
+        hi0 = tf.maximum(tf.reduce_max(x), _EPS)
+        ratios = tf.linspace(0.3, 1.0, self.steps)
+
+        def err(c):
+            y = fake_quant(x, c * lo0, c * hi0, self.num_bits)
+            return tf.reduce_mean(tf.square(y - x))
+
+        errors = tf.map_fn(err, ratios)
+        best = tf.gather(ratios, tf.argmin(errors))
+        return best * lo0, best * hi0
+
+    def get_config(self):
+        return {**super().get_config(), "steps": self.steps}
+
+
+# ---------------------------------------------------------------------------- learned ranges
+
+
+class PactQuantizer(_Base):
+    """PACT: parameterized clipping activation (Choi et al. 2018, arXiv:1805.06085).
+
+    Forward:  y = clip(x, 0, a), uniformly quantized on 2^b - 1 steps, or, when ``signed``,
+              clip(x, -a, a) on 2^b - 2 steps (narrow range, zero exact):
+              q = FakeQuantWithMinMaxVars(x, 0 or -a, a), with a trained.
+    Backward: dq/dx = 1 inside the clip range, 0 outside (straight-through);
+              dq/da = 1 where x >= a (and -1 where x <= -a when signed), 0 elsewhere; this
+              is exactly FakeQuant's gradient for its max (min) input, so no custom
+              gradient is needed. An L2 penalty ``alpha_decay * a^2`` (the paper's
+              regulariser on a) is added through the variable's regulariser.
+    Init:     a = ``init_alpha``; when data is seen before any training (annotate's
+              calibration pass) a is set to the batch's max |x| instead.
+    """
+
+    def __init__(self, num_bits: int = 8, signed: bool = False, init_alpha: float = 6.0,
+                 alpha_decay: float = 1e-4):
+        _check_bits(num_bits)
+        self.num_bits = int(num_bits)
+        self.signed = bool(signed)
+        self.init_alpha = float(init_alpha)
+        self.alpha_decay = float(alpha_decay)
+
+    def build(self, tensor_shape, name, layer):
+        reg = keras.regularizers.l2(self.alpha_decay) if self.alpha_decay else None
+        alpha = layer.add_weight(_unique(layer, f"{name}_alpha"), shape=(),
+                                 initializer=keras.initializers.Constant(self.init_alpha),
+                                 regularizer=reg, trainable=True)
+        seen = layer.add_weight(_unique(layer, f"{name}_seen"), shape=(),
+                                initializer=keras.initializers.Constant(0.0), trainable=False)
+        return {"alpha": alpha, "seen": seen}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        alpha, seen = weights["alpha"], weights["seen"]
+        if training:
+            data = tf.reduce_max(tf.abs(tf.stop_gradient(inputs)))
+            init = alpha.assign(tf.where(seen > 0, alpha, tf.maximum(data, 1e-3)))
+            with tf.control_dependencies([init]):
+                mark = seen.assign(1.0)
+            with tf.control_dependencies([mark]):
+                a = tf.identity(alpha)
+        else:
+            a = tf.identity(alpha)
+        a = tf.maximum(a, 1e-3)
+        lo = -a if self.signed else tf.zeros_like(a)
+        # Signed: narrow range (2^b - 2 steps) keeps the zero point an integer, so
+        # FakeQuant's nudging does not shift the symmetric clip range.
+        return fake_quant(inputs, lo, a, self.num_bits, narrow_range=self.signed)
+
+    def get_config(self):
+        return {"num_bits": self.num_bits, "signed": self.signed,
+                "init_alpha": self.init_alpha, "alpha_decay": self.alpha_decay}
+
+
+def lsq_levels(num_bits: int, signed: bool, narrow_range: bool) -> tuple[int, int]:
+    """LSQ's (Qn, Qp): the quantized range is [-Qn, Qp]."""
+    if not signed:
+        return 0, 2**num_bits - 1
+    if narrow_range:
+        return 2 ** (num_bits - 1) - 1, 2 ** (num_bits - 1) - 1
+    return 2 ** (num_bits - 1), 2 ** (num_bits - 1) - 1
+
+
+def lsq_fake_quant(x, s, qn: int, qp: int, grad_scale: float, num_bits: int,
+                   narrow_range: bool, per_channel: bool):
+    """LSQ forward as FakeQuant(x, -Qn*s, Qp*s) with the paper's gradients (training only).
+
+    Returns y with dy/dx = 1 for -Qn < x/s < Qp else 0, and
+    dy/ds = g * (-Qn | round(x/s) - x/s | Qp) on the (low | inside | high) region.
+    """
+
+    @tf.custom_gradient
+    def _lsq(x, s):
+        y = fake_quant(x, -qn * s, qp * s, num_bits, narrow_range, per_channel)
+
+        def grad(dy):
+            v = x / s
+            low = v <= -qn
+            high = v >= qp
+            inside = tf.logical_not(tf.logical_or(low, high))
+            dx = dy * tf.cast(inside, dy.dtype)
+            rounded = tf.floor(v + 0.5)  # FakeQuant rounds half up
+            ds_el = tf.where(low, -float(qn), tf.where(high, float(qp), rounded - v))
+            ds_el = ds_el * dy * grad_scale
+            if per_channel:
+                ds = tf.reduce_sum(ds_el, axis=list(range(x.shape.rank - 1)))
+            else:
+                ds = tf.reduce_sum(ds_el)
+            return dx, tf.reshape(ds, tf.shape(s))
+
+        return y, grad
+
+    return _lsq(x, s)
+
+
+class LsqQuantizer(_Base):
+    """Learned Step Size Quantization (Esser et al. 2019, arXiv:1902.08153).
+
+    Forward:  q(x) = clip(round(x / s), -Qn, Qp) * s with s a trained variable (one per
+              output channel for per-channel weights), emitted as
+              FakeQuantWithMinMaxVars[PerChannel](x, -Qn*s, Qp*s); weights: signed narrow
+              (Qn = Qp = 2^(b-1) - 1), unsigned activations: Qn = 0, Qp = 2^b - 1, signed
+              activations: Qn = 2^(b-1), Qp = 2^(b-1) - 1. With these bounds FakeQuant's
+              step is exactly s and its zero point an integer, so nudging changes nothing.
+    Backward: dq/dx = 1 for -Qn < x/s < Qp, else 0 (straight-through); dq/ds = -Qn below,
+              Qp above, round(x/s) - x/s inside (paper eq. 3), times the gradient scale
+              g = 1 / sqrt(N * Qp) with N the elements per step (weights per channel) or
+              the features per sample (activations; ``narrow_range=True`` marks a weight
+              quantizer). Training mode only; inference mode
+              emits the bare FakeQuant, which is what the converter sees.
+    Init:     s = 2 * mean(|x|) / sqrt(Qp) from the first batch (weights: the first call;
+              activations: annotate's calibration pass on ``sample_x``, else the first
+              training step).
+    """
+
+    def __init__(self, num_bits: int = 8, per_channel: bool = False, signed: bool = True,
+                 narrow_range: bool = False):
+        _check_bits(num_bits)
+        self.num_bits = int(num_bits)
+        self.per_channel = bool(per_channel)
+        self.signed = bool(signed)
+        self.narrow_range = bool(narrow_range)
+        if self.narrow_range and not self.signed:
+            raise ValueError("narrow_range applies to signed (weight) LSQ only")
+
+    @property
+    def levels(self) -> tuple[int, int]:
+        return lsq_levels(self.num_bits, self.signed, self.narrow_range)
+
+    def build(self, tensor_shape, name, layer):
+        shape = (int(tensor_shape[-1]),) if self.per_channel else ()
+        step = layer.add_weight(_unique(layer, f"{name}_step"), shape=shape,
+                                initializer=keras.initializers.Constant(0.01), trainable=True)
+        seen = layer.add_weight(_unique(layer, f"{name}_seen"), shape=(),
+                                initializer=keras.initializers.Constant(0.0), trainable=False)
+        return {"step": step, "seen": seen}
+
+    def initial_step(self, x):
+        """The paper's initialisation, 2 * mean|x| / sqrt(Qp) (per channel if per-channel)."""
+        _, qp = self.levels
+        if self.per_channel:
+            mean = tf.reduce_mean(tf.abs(x), axis=list(range(x.shape.rank - 1)))
+        else:
+            mean = tf.reduce_mean(tf.abs(x))
+        return tf.maximum(2.0 * mean / math.sqrt(qp), 1e-6)
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        step, seen = weights["step"], weights["seen"]
+        qn, qp = self.levels
+        if not training:
+            s = tf.maximum(tf.identity(step), 1e-6)
+            return fake_quant(inputs, -qn * s, qp * s, self.num_bits, self.narrow_range,
+                              self.per_channel)
+        init = step.assign(tf.where(seen > 0, step,
+                                    self.initial_step(tf.stop_gradient(inputs))))
+        with tf.control_dependencies([init]):
+            mark = seen.assign(1.0)
+        with tf.control_dependencies([mark]):
+            s = tf.identity(step)
+        s = tf.maximum(s, 1e-6)
+        shape = inputs.shape
+        if self.narrow_range:  # a weight tensor: N counts the elements sharing one step
+            n = math.prod(int(d) for d in (shape[:-1] if self.per_channel else shape))
+        else:  # an activation: N is the number of features per sample
+            n = math.prod(int(d) for d in shape[1:]) if shape.rank > 1 else 1
+        g = 1.0 / math.sqrt(max(n, 1) * qp)
+        return lsq_fake_quant(inputs, s, qn, qp, g, self.num_bits, self.narrow_range,
+                              self.per_channel)
+
+    def get_config(self):
+        return {"num_bits": self.num_bits, "per_channel": self.per_channel,
+                "signed": self.signed, "narrow_range": self.narrow_range}
+
+
+QUANTIZERS = (PerChannelWeightQuantizer, Relu6Quantizer, MovingAverageRangeQuantizer,
+              PercentileQuantizer, MseRangeQuantizer, PactQuantizer, LsqQuantizer)
