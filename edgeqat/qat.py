@@ -561,6 +561,7 @@ def fine_tune(qat_model: keras.Model, data: Dataset, cfg: QatConfig, *,
                 ds = ds.batch(batch, drop_remainder=True).skip(step - epoch * spe)
                 ds = strategy.experimental_distribute_dataset(ds.with_options(options))
                 losses = []
+                cb.on_epoch_begin(epoch)
                 for x, y, t in ds:
                     new = plan.phase(step)
                     if new != phase:
@@ -569,8 +570,9 @@ def fine_tune(qat_model: keras.Model, data: Dataset, cfg: QatConfig, *,
                         train_step, logits_of = make_step(), make_eval()
                         events.append((step, _describe(phase)))
                         logging.info("QAT step %d: %s", step, _describe(phase))
-                    rate = float(lr(step))
+                    cb.on_train_batch_begin(step)
                     loss = float(train_step(x, y, t))
+                    rate = float(optimizer.learning_rate)  # the rate this step applied
                     losses.append(loss)
                     step += 1
                     cb.on_train_batch_end(step - 1, {"loss": loss, "learning_rate": rate,
