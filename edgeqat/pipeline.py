@@ -96,7 +96,7 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
         float_tflite = convert.to_tflite(trained.model, "float")
         ptq_tflite = convert.to_tflite(trained.model, cfg.convert.mode,
                                        calibration=data.x_calib)
-    with stage("annotate"):
+    with stage("annotate"), qat.strategy_scope(cfg.qat.strategy):
         qat_model = annotate.annotate_model(trained.model, cfg.policy,
                                             sample_x=data.x_calib[:256])
     with stage("qat"):

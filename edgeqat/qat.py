@@ -321,15 +321,32 @@ def _is_chief(strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0
 
 
+def strategy_scope(name: str = "default"):
+    """The scope to annotate (create) a QAT model in, so that ``fine_tune`` trains it as is
+    under the strategy named in ``qat.strategy`` (the default strategy: a no-op scope)."""
+    return make_strategy(name).scope()
+
+
 def _replica_model(qat_model: keras.Model, strategy) -> keras.Model:
-    """The model to train: ``qat_model`` itself, or a copy built in the strategy's scope."""
-    if not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy():
+    """The model to train: ``qat_model`` itself, or a copy built in the strategy's scope.
+
+    A model created inside ``strategy_scope`` is used as it is. Otherwise it is rebuilt from
+    its config inside the scope; that fails where a layer builds its variables twice when
+    rebuilt (tfmot's ``QuantizeLayer`` does), and the error says to use the scope instead.
+    """
+    if strategy is tf.distribute.get_strategy() or all(
+            strategy.extended.variable_created_in_scope(v) for v in qat_model.weights):
         return qat_model
     from edgeqat import annotate
 
     with strategy.scope(), annotate.scope():
         copy = qat_model.__class__.from_config(qat_model.get_config())
+    try:
         copy.set_weights(qat_model.get_weights())
+    except ValueError:
+        raise UserError(
+            f"the QAT model cannot be copied into the {type(strategy).__name__} scope; "
+            "annotate it inside edgeqat.qat.strategy_scope(cfg.qat.strategy)") from None
     return copy
 
 
@@ -572,7 +589,7 @@ def fine_tune(qat_model: keras.Model, data: Dataset, cfg: QatConfig, *,
                         logging.info("QAT step %d: %s", step, _describe(phase))
                     cb.on_train_batch_begin(step)
                     loss = float(train_step(x, y, t))
-                    rate = float(optimizer.learning_rate)  # the rate this step applied
+                    rate = float(tf.convert_to_tensor(optimizer.learning_rate))  # as applied
                     losses.append(loss)
                     step += 1
                     cb.on_train_batch_end(step - 1, {"loss": loss, "learning_rate": rate,
