@@ -98,9 +98,11 @@ def choose(cfg: PipelineConfig, data, trained) -> AutoResult:
     tuned = None
     if not done() and cfg.auto.qat:
         start = time.perf_counter()
-        qat_model = annotate.annotate_model(trained.model, cfg.policy,
-                                            sample_x=data.x_calib[:256])
-        tuned = qat.fine_tune(qat_model, data, cfg.qat)
+        with qat.strategy_scope(cfg.qat.strategy):
+            qat_model = annotate.annotate_model(trained.model, cfg.policy,
+                                                sample_x=data.x_calib[:256])
+        tuned = qat.fine_tune(qat_model, data, cfg.qat, teacher=trained.model, seed=cfg.seed,
+                              float_learning_rate=cfg.model.learning_rate)
         model = convert.to_tflite(tuned.model, "int8", qat=True, calibration=data.x_calib)
         inspect.require_full_integer(model, "qat_int8.tflite")
         record("qat_int8", f"QAT int8, {cfg.qat.epochs} epoch(s)", model,

@@ -89,13 +89,38 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class PrecisionStep:
+    """One step of a gradual-precision schedule: from ``epoch`` (0-based) on, use these bits."""
+
+    epoch: int = 0
+    weight_bits: int = 8  # 2..8; every weight quantizer of the QAT model
+    activation_bits: int = 0  # 2..16; 0: keep the bits the policy gave each activation
+
+
+@dataclass(frozen=True)
 class QatConfig:
-    """Quantization-aware fine-tuning."""
+    """Quantization-aware fine-tuning: schedule, distillation, checkpoints, distribution.
+
+    Fractions (``quant_delay``, ``observer_freeze``, ``bn_freeze``, ``warmup_fraction``) are
+    shares of all QAT steps; 1.0 means "never" for the freezes.
+    """
 
     epochs: int = 4
-    batch_size: int = 64
-    learning_rate: float = 2e-4  # a fraction of the float rate
-    warmup_fraction: float = 0.1  # linear learning-rate warm-up, share of QAT steps
+    batch_size: int = 64  # global batch (split over the replicas of a distributed run)
+    learning_rate: float | None = None  # peak rate; unset: learning_rate_fraction x float
+    learning_rate_fraction: float = 0.1  # of model.learning_rate, when learning_rate unset
+    warmup_fraction: float = 0.1  # linear learning-rate warm-up, then cosine decay to 1%
+    quant_delay: float = 0.1  # float training (fake quant off) for this share of steps
+    observer_freeze: float = 0.75  # activation ranges stop moving after this share
+    bn_freeze: float = 0.5  # BatchNorm moving statistics frozen after this share
+    precision: tuple[PrecisionStep, ...] = ()  # [[qat.precision]] epoch / weight_bits
+    distill: bool = False  # knowledge distillation from the float model
+    distill_alpha: float = 0.5  # loss = a*task + (1-a)*T^2*KL(teacher || student)
+    distill_temperature: float = 4.0
+    checkpoint_dir: str = ""  # "": the CLI uses <output_dir>.ckpt; resume is automatic
+    strategy: str = choice("default", ("default", "mirrored", "multi_worker_mirrored"),
+                           "mirrored: all local GPUs (or logical CPUs); "
+                           "multi_worker_mirrored: a cluster described by TF_CONFIG")
 
 
 @dataclass(frozen=True)
@@ -376,6 +401,33 @@ def _check_pipeline(cfg: PipelineConfig, file: str) -> None:
     rules = [(f"policy.rules[{i}]", r) for i, r in enumerate(cfg.policy.rules)]
     for where, rule in [*rules, ("policy.default", cfg.policy.default)]:
         _check_rule(rule, where, file)
+    _check_qat(cfg.qat, file)
+
+
+def _check_qat(q: QatConfig, file: str) -> None:
+    fractions = {"quant_delay": q.quant_delay, "observer_freeze": q.observer_freeze,
+                 "bn_freeze": q.bn_freeze, "warmup_fraction": q.warmup_fraction,
+                 "distill_alpha": q.distill_alpha}
+    for key, value in fractions.items():
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{file}: qat.{key} = {value} must be a fraction in [0, 1]")
+    if q.learning_rate is not None and q.learning_rate <= 0:
+        raise ConfigError(f"{file}: qat.learning_rate = {q.learning_rate} must be positive")
+    if q.learning_rate_fraction <= 0:
+        raise ConfigError(f"{file}: qat.learning_rate_fraction must be positive")
+    if q.distill_temperature <= 0:
+        raise ConfigError(f"{file}: qat.distill_temperature must be positive")
+    epochs = [p.epoch for p in q.precision]
+    if epochs != sorted(set(epochs)) or any(e < 0 for e in epochs):
+        raise ConfigError(f"{file}: qat.precision epochs {epochs} must be distinct, "
+                          "0 or more, in increasing order")
+    for i, p in enumerate(q.precision):
+        if not 2 <= p.weight_bits <= 8:
+            raise ConfigError(f"{file}: qat.precision[{i}].weight_bits = {p.weight_bits} "
+                              "must be 2..8")
+        if p.activation_bits and not 2 <= p.activation_bits <= 16:
+            raise ConfigError(f"{file}: qat.precision[{i}].activation_bits = "
+                              f"{p.activation_bits} must be 0 (keep) or 2..16")
 
 
 def _check_rule(rule: RuleConfig, where: str, file: str) -> None:

@@ -101,11 +101,12 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
         float_tflite = convert.to_tflite(trained.model, "float")
         ptq_tflite, calibration = ptq.post_training(trained.model, data.x_calib,
                                                     cfg.convert.mode, cfg.ptq)
-    with stage("annotate"):
+    with stage("annotate"), qat.strategy_scope(cfg.qat.strategy):
         qat_model = annotate.annotate_model(trained.model, cfg.policy,
                                             sample_x=data.x_calib[:256])
     with stage("qat"):
-        tuned = qat.fine_tune(qat_model, data, cfg.qat)
+        tuned = qat.fine_tune(qat_model, data, cfg.qat, teacher=trained.model, seed=cfg.seed,
+                              float_learning_rate=cfg.model.learning_rate)
     with stage("convert"):
         qat_tflite = convert.to_tflite(tuned.model, cfg.convert.mode, qat=True,
                                        calibration=data.x_calib)
@@ -190,6 +191,21 @@ def resolve_configs(pipeline: str, device: str, *, epochs: int | None = None,
     return cfg, dev
 
 
+def _with_checkpoint_dir(cfg: PipelineConfig, output_dir: Path) -> PipelineConfig:
+    """QAT checkpoints go to ``qat.checkpoint_dir``, by default ``<output_dir>.ckpt``.
+
+    A run killed during QAT and started again with the same command resumes from there;
+    the directory is removed once the outputs are written. A multi-worker strategy is
+    created here, before TensorFlow initialises its devices.
+    """
+    ckpt = cfg.qat.checkpoint_dir or f"{output_dir}.ckpt"
+    if cfg.qat.strategy == "multi_worker_mirrored":
+        from edgeqat.qat import make_strategy
+
+        make_strategy(cfg.qat.strategy)
+    return dataclasses.replace(cfg, qat=dataclasses.replace(cfg.qat, checkpoint_dir=ckpt))
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         print(f"edgeqat: error: unexpected argument {argv[1]!r}; see --help", file=sys.stderr)
@@ -198,8 +214,10 @@ def main(argv: list[str]) -> int:
         cfg, dev = resolve_configs(FLAGS.pipeline, FLAGS.device, epochs=FLAGS.epochs,
                                    float_epochs=FLAGS.float_epochs, seed=FLAGS.seed)
         output_dir = Path(FLAGS.output_dir or Path("runs") / Path(cfg.source).stem)
+        cfg = _with_checkpoint_dir(cfg, output_dir)
         result = run(cfg, dev)
         write_outputs(result, output_dir)
+        shutil.rmtree(cfg.qat.checkpoint_dir, ignore_errors=True)  # finished: nothing to resume
     except UserError as e:
         print(f"edgeqat: error: {e}", file=sys.stderr)
         return 2

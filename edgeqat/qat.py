@@ -1,17 +1,63 @@
-"""Quantization-aware fine-tuning of an annotated model."""
+"""Quantization-aware fine-tuning: the QAT recipe.
+
+``fine_tune`` is a custom training loop (one ``tf.function`` step run under a
+``tf.distribute`` strategy) that applies a schedule over the QAT steps:
+
+* quantization delay: for the first ``quant_delay`` share of steps every quantizer passes
+  its input through unchanged (float training), while activation range observers keep
+  observing, so their ranges are warm when fake quantization starts;
+* observer freeze: after ``observer_freeze``, activation range observers (quantizers whose
+  state is non-trainable ``*min*``/``*max*`` variables: tfmot's ``MovingAverageQuantizer``,
+  edgeqat's moving-average / percentile / MSE trackers) run in inference mode, i.e. they
+  read their stored range and no longer update it; learned ranges (PACT, LSQ) keep learning;
+* BatchNorm freeze: after ``bn_freeze``, every BatchNormalization left in the QAT model
+  (tfmot's default scheme keeps them; edgeqat's annotate folds them into the convolution,
+  in which case there is nothing to freeze) runs on its moving statistics, which stop moving;
+* learning rate: ``WarmupCosine`` peaking at ``learning_rate`` (default: one tenth of the
+  float rate);
+* gradual precision: ``[[qat.precision]]`` entries set the weight (and optionally
+  activation) bits of every quantizer from a named epoch on.
+
+The schedule acts on the quantizer objects held by tfmot's ``QuantizeWrapper`` /
+``QuantizeLayer`` (any ``Quantizer`` subclass, tfmot's or edgeqat's): each gets a gating
+subclass for the duration of ``fine_tune`` and its own class back afterwards, so the
+returned model, its saved config and its converted graph are exactly the annotated ones.
+The switches are Python values read when the step function is traced; the step is
+retraced at each phase change (a handful per run).
+
+Also: knowledge distillation from the float model (off by default), a checkpoint every
+epoch (and on SIGINT) with automatic resume, and deterministic data order per epoch (a
+resumed run sees the same batches as an uninterrupted one).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
+import os
+import shutil
+import signal
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+from absl import logging
 
-from edgeqat.config import QatConfig
+from edgeqat.config import QatConfig, to_toml
 from edgeqat.data import Dataset
-from edgeqat.keras import keras, tf
-from edgeqat.train import accuracy, compile_classifier, verbosity
+from edgeqat.errors import UserError
+from edgeqat.keras import keras, tf, tfmot
+from edgeqat.train import accuracy
+
+_QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
+from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import (  # noqa: E402
+    QuantizeLayer as _QuantizeLayer,
+)
 
 
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
@@ -37,23 +83,556 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 
 @dataclass(frozen=True)
 class QatResult:
-    """The fine-tuned QAT model and its (fake-quantized) Keras accuracy."""
+    """The fine-tuned QAT model, its (fake-quantized) Keras accuracy and the run's log.
+
+    ``history`` has one dict per epoch (loss, val_accuracy, learning rate, the schedule's
+    switches); ``events`` lists (step, what) for every schedule change; ``resumed_from``
+    is the step a checkpoint restored (0: a fresh run).
+    """
 
     model: keras.Model = field(repr=False)
     accuracy: float
     epochs: int
     seconds: float
+    history: tuple = ()
+    events: tuple = ()
+    replicas: int = 1
+    resumed_from: int = 0
 
 
-def fine_tune(qat_model: keras.Model, data: Dataset, cfg: QatConfig) -> QatResult:
-    """Fine-tunes a quantize-applied model with a warm-up + cosine learning rate."""
+# ---------------------------------------------------------------------------- schedule
+
+
+@dataclass(frozen=True)
+class Phase:
+    """The schedule's switches at one step."""
+
+    quantize: bool = True
+    ranges_frozen: bool = False
+    bn_frozen: bool = False
+    weight_bits: int = 0  # 0: as annotated
+    activation_bits: int = 0  # 0: as annotated
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Step thresholds derived from a ``QatConfig`` and the number of steps."""
+
+    total_steps: int
+    steps_per_epoch: int
+    quant_start: int
+    observer_freeze_at: int
+    bn_freeze_at: int
+    precision: tuple = ()  # (epoch, weight_bits, activation_bits), increasing epochs
+
+    @classmethod
+    def from_config(cls, cfg: QatConfig, steps_per_epoch: int) -> Schedule:
+        total = cfg.epochs * steps_per_epoch
+
+        def at(fraction: float) -> int:
+            return total + 1 if fraction >= 1.0 else int(round(fraction * total))
+
+        return cls(total, steps_per_epoch, int(round(cfg.quant_delay * total)),
+                   at(cfg.observer_freeze), at(cfg.bn_freeze),
+                   tuple((p.epoch, p.weight_bits, p.activation_bits) for p in cfg.precision))
+
+    def phase(self, step: int) -> Phase:
+        epoch = step // max(self.steps_per_epoch, 1)
+        wbits = abits = 0
+        for e, w, a in self.precision:
+            if e <= epoch:
+                wbits, abits = w, a
+        return Phase(quantize=step >= self.quant_start,
+                     ranges_frozen=step >= self.observer_freeze_at,
+                     bn_frozen=step >= self.bn_freeze_at,
+                     weight_bits=wbits, activation_bits=abits)
+
+
+# ---------------------------------------------------------------------------- quantizer hooks
+
+
+@dataclass
+class QuantizerSite:
+    """One quantizer in a QAT model: the object, what it quantizes and its variables."""
+
+    layer: str
+    kind: str  # "weight" | "activation"
+    quantizer: object
+    variables: dict
+
+    @property
+    def is_observer(self) -> bool:
+        """A range tracker: non-trainable min/max state updated from the data it sees."""
+        names = [k.lower() for k in self.variables]
+        return (self.kind == "activation" and bool(self.variables)
+                and any("min" in n for n in names) and any("max" in n for n in names)
+                and not any(getattr(v, "trainable", False) for v in self.variables.values()))
+
+
+def quantizer_sites(model: keras.Model) -> list[QuantizerSite]:
+    """Every quantizer of a tfmot-annotated model (tfmot's own or custom ones)."""
+    sites = []
+    for layer in model.layers:
+        if isinstance(layer, _QuantizeWrapper):
+            for _, q, qvars in getattr(layer, "_weight_vars", []):
+                sites.append(QuantizerSite(layer.name, "weight", q, dict(qvars)))
+            for act in getattr(layer, "_quantize_activations", []):
+                qvars = {**getattr(act, "_pre_activation_vars", {}),
+                         **getattr(act, "_post_activation_vars", {})}
+                sites.append(QuantizerSite(layer.name, "activation", act.quantizer, qvars))
+            if getattr(layer, "_output_quantizers", None):
+                sites.append(QuantizerSite(layer.name, "activation",
+                                           layer._output_quantizers[0],
+                                           dict(layer._output_quantizer_vars)))
+        elif isinstance(layer, _QuantizeLayer) and layer.quantizer is not None:
+            sites.append(QuantizerSite(layer.name, "activation", layer.quantizer,
+                                       dict(getattr(layer, "quantizer_vars", {}) or {})))
+    return sites
+
+
+def batchnorm_layers(model: keras.Model) -> list:
+    """BatchNormalization layers of a QAT model, bare or inside a QuantizeWrapper."""
+    out = []
+    for layer in model.layers:
+        inner = layer.layer if isinstance(layer, _QuantizeWrapper) else layer
+        if isinstance(inner, keras.layers.BatchNormalization):
+            out.append(inner)
+    return out
+
+
+class _Switches:
+    """What the gated quantizers read when the step function is traced."""
+
+    def __init__(self):
+        self.quantize = True
+        self.ranges_frozen = False
+
+
+_GATED: dict[type, type] = {}
+
+
+def _gated_class(cls: type) -> type:
+    """A subclass of ``cls`` whose call obeys the schedule's switches."""
+    if cls not in _GATED:
+        def __call__(self, inputs, training, weights, **kwargs):  # noqa: N807
+            sw = self._edgeqat_switches
+            q_training = training
+            if sw.ranges_frozen and self._edgeqat_observer:
+                q_training = False  # read the stored range, do not update it
+            out = cls.__call__(self, inputs, q_training, weights, **kwargs)
+            if not sw.quantize:
+                return tf.identity(inputs)  # observers above still ran and observed
+            return out
+
+        _GATED[cls] = type(f"Scheduled{cls.__name__}", (cls,), {"__call__": __call__})
+    return _GATED[cls]
+
+
+class _Hooks:
+    """Installs the schedule on a QAT model's quantizers and BatchNorms; ``remove`` undoes."""
+
+    def __init__(self, model: keras.Model):
+        self.switches = _Switches()
+        self.sites = quantizer_sites(model)
+        self.bns = batchnorm_layers(model)
+        self._bn_trainable = [bn.trainable for bn in self.bns]
+        self._classes = {}
+        for site in self.sites:
+            q = site.quantizer
+            if id(q) in self._classes:
+                q._edgeqat_observer = q._edgeqat_observer and site.is_observer
+                continue
+            self._classes[id(q)] = (q, type(q))
+            q._edgeqat_switches = self.switches
+            q._edgeqat_observer = site.is_observer
+            q.__class__ = _gated_class(type(q))
+        self._bits0 = {id(s.quantizer): getattr(s.quantizer, "num_bits", None)
+                       for s in self.sites}
+
+    def apply(self, phase: Phase) -> None:
+        self.switches.quantize = phase.quantize
+        self.switches.ranges_frozen = phase.ranges_frozen
+        for bn, was in zip(self.bns, self._bn_trainable, strict=True):
+            bn.trainable = was and not phase.bn_frozen
+        for site in self.sites:
+            bits = phase.weight_bits if site.kind == "weight" else phase.activation_bits
+            set_bits(site, bits or self._bits0[id(site.quantizer)])
+
+    def remove(self) -> None:
+        for q, cls in self._classes.values():
+            q.__class__ = cls
+            del q._edgeqat_switches, q._edgeqat_observer
+        for bn, was in zip(self.bns, self._bn_trainable, strict=True):
+            bn.trainable = was
+
+
+def set_bits(site: QuantizerSite, bits: int | None) -> None:
+    """Sets a quantizer's bit width (tfmot's and edgeqat's all keep it in ``num_bits``).
+
+    A learned step size (LSQ's ``step`` variable, where the quantizer exposes ``levels``)
+    is rescaled so that the clipping range stays where training put it.
+    """
+    q = site.quantizer
+    if not bits or getattr(q, "num_bits", None) in (None, bits):
+        return
+    step = next((v for k, v in site.variables.items() if k == "step"), None)
+    old_qp = q.levels[1] if step is not None and hasattr(q, "levels") else None
+    q.num_bits = int(bits)
+    if old_qp is not None:
+        step.assign(step * (old_qp / q.levels[1]))
+
+
+# ---------------------------------------------------------------------------- distribution
+
+
+_STRATEGIES: dict[str, tf.distribute.Strategy] = {}
+
+
+def make_strategy(name: str = "default") -> tf.distribute.Strategy:
+    """The ``tf.distribute`` strategy named in ``qat.strategy`` (created once per process).
+
+    ``mirrored`` uses every local GPU, or every logical CPU when there is no GPU (tests make
+    two with ``tf.config.set_logical_device_configuration``). ``multi_worker_mirrored``
+    reads the cluster from ``TF_CONFIG``; create it at program start (the CLI does) since
+    TensorFlow must configure collective ops before it initialises its devices.
+    """
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name not in _STRATEGIES:
+        if name == "mirrored":
+            devices = [d.name for d in tf.config.list_logical_devices("GPU")]
+            devices = devices or [d.name for d in tf.config.list_logical_devices("CPU")]
+            _STRATEGIES[name] = tf.distribute.MirroredStrategy(devices=devices)
+        elif name == "multi_worker_mirrored":
+            _STRATEGIES[name] = tf.distribute.MultiWorkerMirroredStrategy()
+        else:
+            raise UserError(f"qat.strategy = {name!r} is unknown; use default, mirrored or "
+                            "multi_worker_mirrored")
+    return _STRATEGIES[name]
+
+
+def _is_chief(strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    spec = resolver.cluster_spec().as_dict()
+    if "chief" in spec:
+        return resolver.task_type == "chief"
+    return resolver.task_type == "worker" and resolver.task_id == 0
+
+
+def strategy_scope(name: str = "default"):
+    """The scope to annotate (create) a QAT model in, so that ``fine_tune`` trains it as is
+    under the strategy named in ``qat.strategy`` (the default strategy: a no-op scope)."""
+    return make_strategy(name).scope()
+
+
+def _replica_model(qat_model: keras.Model, strategy) -> keras.Model:
+    """The model to train: ``qat_model`` itself, or a copy built in the strategy's scope.
+
+    A model created inside ``strategy_scope`` is used as it is. Otherwise it is rebuilt from
+    its config inside the scope; that fails where a layer builds its variables twice when
+    rebuilt (tfmot's ``QuantizeLayer`` does), and the error says to use the scope instead.
+    """
+    if strategy is tf.distribute.get_strategy() or all(
+            strategy.extended.variable_created_in_scope(v) for v in qat_model.weights):
+        return qat_model
+    from edgeqat import annotate
+
+    with strategy.scope(), annotate.scope():
+        copy = qat_model.__class__.from_config(qat_model.get_config())
+    try:
+        copy.set_weights(qat_model.get_weights())
+    except ValueError:
+        raise UserError(
+            f"the QAT model cannot be copied into the {type(strategy).__name__} scope; "
+            "annotate it inside edgeqat.qat.strategy_scope(cfg.qat.strategy)") from None
+    return copy
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+class _Checkpoints:
+    """``model`` + ``optimizer`` (its step is the schedule position) every epoch.
+
+    ``state.json`` names the newest complete checkpoint, the config fingerprint it belongs
+    to and the epoch history; it is replaced atomically after the checkpoint is written,
+    so a kill at any moment leaves a consistent pair.
+    """
+
+    def __init__(self, directory: str, fingerprint: str, model, optimizer, chief: bool):
+        self.directory = Path(directory)
+        self.fingerprint = fingerprint
+        self.chief = chief
+        self.write_dir = self.directory if chief else Path(tempfile.mkdtemp(prefix="qat-w"))
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.write_dir),
+                                                  max_to_keep=3, checkpoint_name="qat")
+
+    def restore(self) -> tuple[int, list]:
+        state_file = self.directory / "state.json"
+        if not state_file.is_file():
+            return 0, []
+        state = json.loads(state_file.read_text())
+        if state.get("fingerprint") != self.fingerprint:
+            raise UserError(
+                f"{self.directory}: the checkpoint there belongs to a different QAT setup "
+                "(config, seed, data or model changed); delete the directory to start over")
+        self.checkpoint.restore(str(self.directory / state["checkpoint"])).expect_partial()
+        return int(state["step"]), list(state["history"])
+
+    def save(self, step: int, history: list) -> None:
+        path = self.manager.save(checkpoint_number=step)
+        if not self.chief:
+            shutil.rmtree(self.write_dir, ignore_errors=True)
+            return
+        state = {"fingerprint": self.fingerprint, "step": step,
+                 "checkpoint": Path(path).name, "history": history}
+        tmp = self.directory / f".state.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.directory / "state.json")
+
+
+def _fingerprint(cfg: QatConfig, seed: int, data: Dataset, model: keras.Model,
+                 peak: float) -> str:
+    keep = dataclasses.replace(cfg, checkpoint_dir="")
+    parts = [to_toml(keep), str(seed), str(peak), str(data.x_train.shape),
+             str(int(data.y_train.sum())), str([tuple(w.shape) for w in model.weights])]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+class _Interrupt:
+    """Turns SIGINT into a flag the loop checks after each step (main thread only)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        logging.warning("interrupt: saving a checkpoint after this step (Ctrl-C again to quit)")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def _peak_rate(cfg: QatConfig, float_learning_rate: float | None) -> float:
+    if cfg.learning_rate is not None:
+        return float(cfg.learning_rate)
+    if float_learning_rate is None:
+        from edgeqat.config import ModelConfig
+
+        float_learning_rate = ModelConfig().learning_rate
+    return cfg.learning_rate_fraction * float(float_learning_rate)
+
+
+def distillation_loss(y, logits, teacher_logits, alpha: float, temperature: float):
+    """Per-example alpha * CE(y, student) + (1 - alpha) * T^2 * KL(teacher_T || student_T)."""
+    task = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+    t = float(temperature)
+    p_teacher = tf.nn.softmax(teacher_logits / t)
+    kl = tf.reduce_sum(p_teacher * (tf.nn.log_softmax(teacher_logits / t)
+                                    - tf.nn.log_softmax(logits / t)), axis=-1)
+    return alpha * task + (1.0 - alpha) * t * t * kl
+
+
+def fine_tune(qat_model: keras.Model, data: Dataset, cfg: QatConfig, *,
+              teacher: keras.Model | None = None, seed: int = 0,
+              float_learning_rate: float | None = None,
+              callbacks: list | tuple = ()) -> QatResult:
+    """Fine-tunes a quantize-applied model following the QAT recipe in ``cfg``.
+
+    Args:
+      qat_model: an annotated (tfmot-wrapped) model; trained in place and returned.
+      data: the dataset; training order per epoch depends only on ``seed`` and the epoch.
+      cfg: the ``[qat]`` table (schedule, distillation, checkpoint dir, strategy).
+      teacher: the float model, used when ``cfg.distill`` is on.
+      seed: the pipeline seed.
+      float_learning_rate: the float training rate; the peak QAT rate is
+        ``cfg.learning_rate_fraction`` of it unless ``cfg.learning_rate`` is set.
+      callbacks: Keras callbacks; ``on_train_batch_end`` gets the step's loss, learning
+        rate and schedule switches, ``on_epoch_end`` the epoch's summary.
+
+    Returns:
+      A ``QatResult``; ``model`` is ``qat_model`` with its own quantizers (no hooks left).
+
+    Raises:
+      UserError: the checkpoint directory holds a checkpoint of a different setup, or
+        distillation is on without a teacher.
+      KeyboardInterrupt: after SIGINT, once a checkpoint is saved (when a dir is set).
+    """
     start = time.perf_counter()
-    if cfg.epochs:
-        steps = cfg.epochs * int(np.ceil(len(data.x_train) / cfg.batch_size))
-        schedule = WarmupCosine(cfg.learning_rate, steps, int(cfg.warmup_fraction * steps))
-        compile_classifier(qat_model, schedule)
-        qat_model.fit(data.x_train, data.y_train, batch_size=cfg.batch_size, epochs=cfg.epochs,
-                      validation_data=(data.x_val, data.y_val) if len(data.x_val) else None,
-                      verbose=verbosity())
+    if cfg.distill and teacher is None:
+        raise UserError("qat.distill = true needs the float model as teacher")
+    if not cfg.epochs:
+        return QatResult(qat_model, accuracy(qat_model, data.x_test, data.y_test), 0,
+                         time.perf_counter() - start)
+    strategy = make_strategy(cfg.strategy)
+    replicas = strategy.num_replicas_in_sync
+    n = len(data.x_train)
+    batch = min(cfg.batch_size, n)
+    batch -= batch % replicas if batch >= replicas else 0
+    spe = max(n // batch, 1)
+    plan = Schedule.from_config(cfg, spe)
+    peak = _peak_rate(cfg, float_learning_rate)
+    lr = WarmupCosine(peak, plan.total_steps, int(cfg.warmup_fraction * plan.total_steps))
+
+    distill = bool(cfg.distill)
+    if distill:
+        t_logits = teacher.predict(data.x_train, batch_size=256, verbose=0).astype(np.float32)
+    else:
+        t_logits = np.zeros((n, 1), np.float32)
+
+    model = _replica_model(qat_model, strategy)
+    with strategy.scope():
+        optimizer = keras.optimizers.Adam(lr)
+        optimizer.build(model.trainable_variables)
+    hooks = _Hooks(model)
+    ckpt = None
+    if cfg.checkpoint_dir:
+        Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        ckpt = _Checkpoints(cfg.checkpoint_dir, _fingerprint(cfg, seed, data, model, peak),
+                            model, optimizer, _is_chief(strategy))
+    cb = keras.callbacks.CallbackList(list(callbacks), model=model)
+    events: list = []
+    alpha, temp = float(cfg.distill_alpha), float(cfg.distill_temperature)
+
+    def make_step():
+        def replica_step(x, y, t):
+            with tf.GradientTape() as tape:
+                logits = model(x, training=True)
+                if distill:
+                    per_example = distillation_loss(y, logits, t, alpha, temp)
+                else:
+                    per_example = keras.losses.sparse_categorical_crossentropy(
+                        y, logits, from_logits=True)
+                loss = tf.nn.compute_average_loss(per_example, global_batch_size=batch)
+                if model.losses:
+                    loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            variables = model.trainable_variables
+            grads = tape.gradient(loss, variables)
+            optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables, strict=True)
+                                       if g is not None])
+            return loss
+
+        @tf.function
+        def step(x, y, t):
+            losses = strategy.run(replica_step, args=(x, y, t))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+
+        return step
+
+    def make_eval():
+        @tf.function
+        def logits_of(x):
+            return model(x, training=False)
+
+        return logits_of
+
+    def val_accuracy(logits_of) -> float | None:
+        if not len(data.x_val):
+            return None
+        preds = [logits_of(tf.constant(data.x_val[i:i + 512])).numpy().argmax(-1)
+                 for i in range(0, len(data.x_val), 512)]
+        return float((np.concatenate(preds) == data.y_val).mean())
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = \
+        tf.data.experimental.AutoShardPolicy.DATA
+    options.deterministic = True
+
+    step0, history = 0, []
+    phase = plan.phase(0)
+    try:
+        hooks.apply(plan.phase(0))
+        if ckpt is not None:
+            hooks.apply(plan.phase(_peek_step(ckpt)))  # bits before restore (LSQ steps)
+            step0, history = ckpt.restore()
+            if step0:
+                logging.info("QAT resumes at step %d (epoch %d) from %s", step0,
+                             step0 // spe, cfg.checkpoint_dir)
+        phase = plan.phase(step0)
+        hooks.apply(phase)
+        train_step, logits_of = make_step(), make_eval()
+        events.append((step0, _describe(phase)))
+        cb.on_train_begin()
+        step = step0
+        with _Interrupt() as interrupt:
+            for epoch in range(step0 // spe, cfg.epochs):
+                order = np.random.default_rng([seed, epoch]).permutation(n)[: spe * batch]
+                ds = tf.data.Dataset.from_tensor_slices(
+                    (data.x_train[order], data.y_train[order], t_logits[order]))
+                ds = ds.batch(batch, drop_remainder=True).skip(step - epoch * spe)
+                ds = strategy.experimental_distribute_dataset(ds.with_options(options))
+                losses = []
+                cb.on_epoch_begin(epoch)
+                for x, y, t in ds:
+                    new = plan.phase(step)
+                    if new != phase:
+                        phase = new
+                        hooks.apply(phase)
+                        train_step, logits_of = make_step(), make_eval()
+                        events.append((step, _describe(phase)))
+                        logging.info("QAT step %d: %s", step, _describe(phase))
+                    cb.on_train_batch_begin(step)
+                    loss = float(train_step(x, y, t))
+                    rate = float(tf.convert_to_tensor(optimizer.learning_rate))  # as applied
+                    losses.append(loss)
+                    step += 1
+                    cb.on_train_batch_end(step - 1, {"loss": loss, "learning_rate": rate,
+                                                     **dataclasses.asdict(phase)})
+                    if interrupt.requested and step < plan.total_steps:
+                        if ckpt is not None:
+                            ckpt.save(step, history)
+                            logging.warning("QAT interrupted at step %d; checkpoint in %s; "
+                                            "run the same command again to resume", step,
+                                            cfg.checkpoint_dir)
+                        raise KeyboardInterrupt
+                summary = {"epoch": epoch, "step": step,
+                           "loss": float(np.mean(losses)) if losses else None,
+                           "val_accuracy": val_accuracy(logits_of),
+                           "learning_rate": float(lr(step - 1)), **dataclasses.asdict(phase)}
+                history.append(summary)
+                logging.info("QAT epoch %d: %s", epoch, summary)
+                cb.on_epoch_end(epoch, dict(summary))
+                if ckpt is not None:
+                    ckpt.save(step, history)
+        cb.on_train_end()
+    finally:
+        hooks.remove()
+    if model is not qat_model:  # distributed: copy back into the caller's model
+        origin = _Hooks(qat_model)
+        origin.apply(phase)  # the bit widths the schedule ended with
+        origin.remove()
+        qat_model.set_weights(model.get_weights())
     return QatResult(qat_model, accuracy(qat_model, data.x_test, data.y_test), cfg.epochs,
-                     time.perf_counter() - start)
+                     time.perf_counter() - start, tuple(history), tuple(events), replicas,
+                     step0)
+
+
+def _peek_step(ckpt: _Checkpoints) -> int:
+    state_file = ckpt.directory / "state.json"
+    if not state_file.is_file():
+        return 0
+    return int(json.loads(state_file.read_text()).get("step", 0))
+
+
+def _describe(phase: Phase) -> str:
+    bits = f", weight bits {phase.weight_bits}" if phase.weight_bits else ""
+    bits += f", activation bits {phase.activation_bits}" if phase.activation_bits else ""
+    return (f"fake quant {'on' if phase.quantize else 'off (delay)'}, ranges "
+            f"{'frozen' if phase.ranges_frozen else 'tracking'}, BatchNorm "
+            f"{'frozen' if phase.bn_frozen else 'training'}{bits}")
