@@ -58,12 +58,17 @@ def scope():
 
 
 def prepare_for_export(qat_model: keras.Model) -> keras.Model:
-    """Returns the model to hand to the converter: ``qat_model`` itself.
+    """Returns the model to hand to the converter: ``qat_model``, biases snapped.
 
     No swap is needed: every edgeqat quantizer's inference-mode graph (the one the
     converter traces with ``training=False``) is a bare FakeQuantWithMinMaxVars[PerChannel]
-    on the learned range; LSQ's custom gradient exists only in training mode.
+    on the learned range; LSQ's custom gradient exists only in training mode. Biases are
+    put on the int32 grid TFLite stores them on (``convert.snap_biases``, in place), so
+    the Keras model computes what ships; the flatbuffer is the same either way.
     """
+    from edgeqat.convert import snap_biases
+
+    snap_biases(qat_model)
     return qat_model
 
 

@@ -10,9 +10,98 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from edgeqat.keras import keras, tf
+from edgeqat.keras import keras, tf, tfmot
 
 MODES = ("float", "int8", "int16x8", "int4_weights")
+
+
+def _activation_bits(model) -> set[int]:
+    """The bit widths of the model's activation (output and input) quantizers."""
+    wrapper_cls, quantize_layer_cls = _wrapper_classes()
+    bits = set()
+    for layer in model.layers:
+        if isinstance(layer, quantize_layer_cls):
+            bits.add(layer.quantizer.num_bits)
+        elif isinstance(layer, wrapper_cls):
+            for q in getattr(layer, "_output_quantizers", None) or []:
+                bits.add(q.num_bits)
+    return bits
+
+
+def _has_quantizers(model) -> bool:
+    return any(isinstance(layer, _wrapper_classes()) for layer in model.layers)
+
+
+def _wrapper_classes():
+    from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import (
+        QuantizeLayer,
+    )
+
+    return tfmot.quantization.keras.QuantizeWrapperV2, QuantizeLayer
+
+
+def _input_scale(layer):
+    """The step of the quantizer that produced ``layer``'s (first) input, or None.
+
+    Walks back through unwrapped pass-through layers (pooling, reshape), which keep
+    their input's scale in TFLite.
+    """
+    wrapper_cls, quantize_layer_cls = _wrapper_classes()
+    node = layer._inbound_nodes[0]
+    while True:
+        producers = tf.nest.flatten(node.inbound_layers)
+        if len(producers) != 1:
+            return None
+        prod = producers[0]
+        if isinstance(prod, quantize_layer_cls):
+            return prod.quantizer.scale(prod.quantizer_vars)
+        if isinstance(prod, wrapper_cls):
+            if not getattr(prod, "_output_quantizers", None):
+                return None
+            return prod._output_quantizers[0].scale(prod._output_quantizer_vars)
+        if isinstance(prod, keras.layers.InputLayer) or not prod._inbound_nodes:
+            return None
+        node = prod._inbound_nodes[0]
+
+
+def snap_biases(qat_model: keras.Model) -> float:
+    """Puts every quantized layer's bias on the int32 grid TFLite stores it on.
+
+    TFLite quantizes a convolution's or dense layer's bias to int32 with step
+    ``s_in * s_w`` (input step times weight step, per channel); the Keras QAT graph adds
+    the float bias. When ``s_in * s_w`` is not small against the output step (coarse LSQ
+    input steps, 4-bit weights) that rounding moves outputs by a step and flips top-1 on
+    near ties. Snapping the Keras bias to ``round(b / (s_in s_w)) * s_in s_w`` makes the
+    Keras model compute exactly what ships; the flatbuffer is unchanged by it (the
+    converter rounds to the same integers). Changes ``qat_model`` in place.
+
+    Returns:
+      The largest change made to a bias, in units of its grid step (<= 0.5).
+    """
+    wrapper_cls, _ = _wrapper_classes()
+    worst = 0.0
+    for layer in qat_model.layers:
+        if not isinstance(layer, wrapper_cls) or not layer._weight_vars:
+            continue
+        inner = layer.layer
+        bias = getattr(inner, "bias", None)
+        if bias is None or not getattr(inner, "use_bias", True):
+            continue
+        kernel, quantizer, qvars = layer._weight_vars[0]
+        if not hasattr(quantizer, "scale"):
+            continue
+        s_in = _input_scale(layer)
+        if s_in is None:
+            continue
+        s_w = quantizer.scale(qvars, kernel)
+        grid = np.asarray(s_in, np.float64) * np.asarray(s_w, np.float64)
+        b = bias.numpy().astype(np.float64)
+        if isinstance(inner, keras.layers.DepthwiseConv2D) and np.size(grid) > 1:
+            grid = grid.reshape(-1)
+        snapped = np.round(b / grid) * grid
+        worst = max(worst, float(np.max(np.abs(snapped - b) / grid)) if b.size else 0.0)
+        bias.assign(snapped.astype(np.float32))
+    return worst
 
 
 def _representative(x_calib: np.ndarray):
@@ -40,7 +129,19 @@ def to_tflite(model: keras.Model, mode: str = "int8", *,
       model: a float or QAT (quantize-applied) tf_keras model.
       mode: ``float``; ``int8`` (int8 weights and activations, int8 input/output);
         ``int16x8`` (int16 activations, int8 weights, int16 input/output);
-        ``int4_weights`` (int8 activations, weights on a 4-bit grid).
+        ``int4_weights`` (int8 activations, 4-bit weights: the converter's low-bit QAT
+        path stores them as packed INT4 tensors, ops CONV_2D/DEPTHWISE_CONV_2D v7).
+
+        ``int16x8`` of a QAT model: annotate with ``activation_bits=16``. edgeqat's
+        16-bit activation quantizers are symmetric narrow-range FakeQuants (zero point
+        0, TFLite's int16 scheme), so the converter's QAT path takes every trained range
+        as it is and no calibration is used (``calibration`` is ignored): a
+        representative dataset would switch the converter to its 16x8 PTQ path, which
+        recalibrates activations and rejects FakeQuant graphs ("Quantization to 16x8-bit
+        not yet supported for op: DEQUANTIZE" with 8-bit FakeQuants; asymmetric 16-bit
+        FakeQuants give int16 zero points the kernels refuse). A QAT model with 8-bit
+        activation quantizers cannot become a faithful 16x8 model: its Keras function
+        rounds activations to 8 bits.
       calibration: representative float inputs; required for a float model (PTQ) in
         integer modes. For a QAT model, whose ranges were learned, it only fills ranges
         of tensors training did not simulate; without it, full integer is proven
@@ -51,10 +152,19 @@ def to_tflite(model: keras.Model, mode: str = "int8", *,
       The flatbuffer bytes.
 
     Raises:
-      ValueError: a bad mode, or PTQ without calibration data.
+      ValueError: a bad mode, PTQ without calibration data, or an int16x8 QAT model whose
+        activation quantizers are not 16-bit.
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    is_qat = qat or _has_quantizers(model)
+    if mode == "int16x8" and is_qat:
+        low = sorted(_activation_bits(model) - {16})
+        if low:
+            raise ValueError(f"int16x8 conversion of a QAT model needs 16-bit activation "
+                             f"quantizers (found {low}-bit ones): annotate with "
+                             f"activation_bits=16")
+        calibration = None  # the trained 16-bit ranges are used as they are
     fn = _concrete_function(model)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], model)
     if mode == "float":
@@ -76,6 +186,6 @@ def to_tflite(model: keras.Model, mode: str = "int8", *,
         # For a QAT model the trained FakeQuant ranges win; calibration only fills the
         # tensors training did not simulate (inside LayerNormalization, attention).
         converter.representative_dataset = _representative(calibration)
-    elif not qat or mode == "int16x8":
+    elif not is_qat:
         raise ValueError(f"{mode} conversion of a float model needs calibration data")
     return converter.convert()

@@ -43,13 +43,27 @@ def list_ops(model: bytes) -> list[OpFacts]:
 
 
 def tensor_types(model: bytes) -> dict[str, int]:
-    """How many tensors of each dtype the model holds."""
-    interp = _interpreter(model)
+    """How many tensors of each stored type the flatbuffer holds (main subgraph).
+
+    Read from the flatbuffer itself, not the interpreter: the interpreter reports a
+    packed ``int4`` weight tensor as ``int8``, and its reference kernels cannot load the
+    int4 ops (CONV_2D v7) at all.
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    names = {v: k.lower() for k, v in vars(schema.TensorType).items()
+             if not k.startswith("_")}
+    graph = schema.ModelT.InitFromPackedBuf(bytearray(model), 0).subgraphs[0]
     counts: dict[str, int] = {}
-    for t in interp.get_tensor_details():
-        name = np.dtype(t["dtype"]).name
+    for t in graph.tensors:
+        name = names.get(t.type, str(t.type))
         counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+def storage(model: bytes) -> dict:
+    """What the shipped file stores: its bytes and its tensors by stored type."""
+    return {"bytes": len(model), "tensor_types": tensor_types(model)}
 
 
 def float_ops(model: bytes) -> list[OpFacts]:

@@ -108,7 +108,8 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
         tuned = qat.fine_tune(qat_model, data, cfg.qat, teacher=trained.model, seed=cfg.seed,
                               float_learning_rate=cfg.model.learning_rate)
     with stage("convert"):
-        qat_tflite = convert.to_tflite(tuned.model, cfg.convert.mode, qat=True,
+        qat_tflite = convert.to_tflite(annotate.prepare_for_export(tuned.model),
+                                       cfg.convert.mode, qat=True,
                                        calibration=data.x_calib)
         ops = inspect.require_full_integer(qat_tflite, f"qat_{cfg.convert.mode}.tflite")
         inspect.require_full_integer(ptq_tflite, f"ptq_{cfg.convert.mode}.tflite")
@@ -131,7 +132,8 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
                                  warmup=cfg.validate.warmup_runs,
                                  runs=cfg.validate.latency_runs)
     summary = report.build_report(cfg, device, data.summary(), trained, tuned, validation,
-                                  ops, stage.seconds, diagnostics=diag, edgetpu=edgetpu)
+                                  ops, stage.seconds, diagnostics=diag, edgetpu=edgetpu,
+                                  storage=inspect.storage(qat_tflite))
     return PipelineResult(cfg, device, data.summary(), trained.model, tuned.model, tflites,
                           summary)
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from edgeqat.keras import keras, tf, tfmot
 
 _Quantizer = tfmot.quantization.keras.quantizers.Quantizer
@@ -34,6 +36,26 @@ def fake_quant(x, lo, hi, num_bits: int, narrow_range: bool = False, per_channel
             x, lo, hi, num_bits=num_bits, narrow_range=narrow_range)
     return tf.quantization.fake_quant_with_min_max_vars(
         x, lo, hi, num_bits=num_bits, narrow_range=narrow_range)
+
+
+def activation_fake_quant(x, lo, hi, num_bits: int, narrow_range: bool = False):
+    """``fake_quant`` for an activation (per tensor).
+
+    At 16 bits the range is made symmetric, ``[-a, a]`` with ``a = max(-lo, hi)`` on the
+    narrow grid, whose zero point is 0: TFLite's int16 activations (16x8 mode) must have
+    zero point 0, and with this grid the converter keeps the trained range exactly.
+    """
+    if num_bits == 16:
+        a = tf.maximum(-lo, hi)
+        return fake_quant(x, -a, a, 16, narrow_range=True)
+    return fake_quant(x, lo, hi, num_bits, narrow_range)
+
+
+def activation_scale(lo: float, hi: float, num_bits: int, narrow_range: bool = False):
+    """The step ``activation_fake_quant`` uses for the range ``[lo, hi]``."""
+    if num_bits == 16:
+        return np.float64(max(-lo, hi) / (2**15 - 1))
+    return np.float64((hi - lo) / (2**num_bits - (2 if narrow_range else 1)))
 
 
 def _unique(layer, name: str) -> str:
@@ -121,6 +143,12 @@ class PerChannelWeightQuantizer(_Base):
         return fake_quant(inputs, -m, m, self.num_bits, narrow_range=True,
                           per_channel=self.per_channel)
 
+    def scale(self, weights, tensor):
+        """The step TFLite stores for ``tensor`` (per channel or scalar): max|w| / Qp."""
+        axes = tuple(range(tensor.shape.rank - 1)) if self.per_channel else None
+        m = np.maximum(np.max(np.abs(np.asarray(tensor)), axis=axes), _EPS)
+        return m / (2 ** (self.num_bits - 1) - 1)
+
     def get_config(self):
         return {"num_bits": self.num_bits, "per_channel": self.per_channel}
 
@@ -146,7 +174,10 @@ class Relu6Quantizer(_Base):
         return {}
 
     def __call__(self, inputs, training, weights, **kwargs):
-        return fake_quant(inputs, tf.constant(0.0), tf.constant(6.0), self.num_bits)
+        return activation_fake_quant(inputs, tf.constant(0.0), tf.constant(6.0), self.num_bits)
+
+    def scale(self, weights, tensor=None):
+        return activation_scale(0.0, 6.0, self.num_bits)
 
     def get_config(self):
         return {"num_bits": self.num_bits}
@@ -194,7 +225,13 @@ class _RangeTracker(_Base):
             lo, hi = lo_v, hi_v
         lo = tf.minimum(lo, 0.0)
         hi = tf.maximum(hi, lo + _EPS)
-        return fake_quant(inputs, lo, hi, self.num_bits)
+        return activation_fake_quant(inputs, lo, hi, self.num_bits)
+
+    def scale(self, weights, tensor=None):
+        """FakeQuant's step for the tracked range."""
+        lo = min(float(weights["min"].numpy()), 0.0)
+        hi = max(float(weights["max"].numpy()), lo + _EPS)
+        return activation_scale(lo, hi, self.num_bits)
 
     def get_config(self):
         return {"num_bits": self.num_bits, "decay": self.decay}
@@ -329,7 +366,11 @@ class PactQuantizer(_Base):
         lo = -a if self.signed else tf.zeros_like(a)
         # Signed: narrow range (2^b - 2 steps) keeps the zero point an integer, so
         # FakeQuant's nudging does not shift the symmetric clip range.
-        return fake_quant(inputs, lo, a, self.num_bits, narrow_range=self.signed)
+        return activation_fake_quant(inputs, lo, a, self.num_bits, narrow_range=self.signed)
+
+    def scale(self, weights, tensor=None):
+        a = max(float(weights["alpha"].numpy()), 1e-3)
+        return activation_scale(-a if self.signed else 0.0, a, self.num_bits, self.signed)
 
     def get_config(self):
         return {"num_bits": self.num_bits, "signed": self.signed,
@@ -436,6 +477,8 @@ class LsqQuantizer(_Base):
         qn, qp = self.levels
         if not training:
             s = tf.maximum(tf.identity(step), 1e-6)
+            if not self.narrow_range:  # an activation
+                return activation_fake_quant(inputs, -qn * s, qp * s, self.num_bits)
             return fake_quant(inputs, -qn * s, qp * s, self.num_bits, self.narrow_range,
                               self.per_channel)
         init = step.assign(tf.where(seen > 0, step,
@@ -453,6 +496,14 @@ class LsqQuantizer(_Base):
         g = 1.0 / math.sqrt(max(n, 1) * qp)
         return lsq_fake_quant(inputs, s, qn, qp, g, self.num_bits, self.narrow_range,
                               self.per_channel)
+
+    def scale(self, weights, tensor=None):
+        """The step TFLite uses: s (per channel for per-channel weights)."""
+        s = np.maximum(np.asarray(weights["step"].numpy(), np.float64), 1e-6)
+        if self.narrow_range:
+            return s
+        qn, qp = self.levels
+        return activation_scale(-qn * float(s), qp * float(s), self.num_bits)
 
     def get_config(self):
         return {"num_bits": self.num_bits, "per_channel": self.per_channel,

@@ -24,7 +24,7 @@ def _pct(v: float | None) -> str:
 
 def build_report(cfg: PipelineConfig, device: DeviceConfig, data: dict, trained, tuned,
                  validation, ops, stage_seconds: dict, *, diagnostics=(), auto=None,
-                 edgetpu=None) -> dict:
+                 edgetpu=None, storage=None) -> dict:
     """Collects every number a reader needs into one JSON-able dict.
 
     Args:
@@ -32,6 +32,8 @@ def build_report(cfg: PipelineConfig, device: DeviceConfig, data: dict, trained,
       diagnostics: ``diagnostics.Diagnostics`` objects (per-layer error).
       auto: the ``auto.AutoResult`` in auto mode: its decisions, and the model it chose.
       edgetpu: the ``edgetpu.EdgeTpuReport`` of the shipped model, if computed.
+      storage: ``inspect.storage`` of the shipped flatbuffer (bytes, tensors per stored
+        type: says whether int4 weights are stored as ``int4``).
     """
     mode = cfg.convert.mode
     qat_name = f"qat_{mode}"
@@ -73,6 +75,7 @@ def build_report(cfg: PipelineConfig, device: DeviceConfig, data: dict, trained,
             "model": f"{shipped}.tflite",
             "full_integer": all(op.is_integer for op in ops),
             "counts": _count([op.name for op in ops]),
+            "storage": storage,
         },
         "device_vs_host": {
             name: cmp.to_dict() | {"host_accuracy": validation.host_accuracy[name],

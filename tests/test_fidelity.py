@@ -61,20 +61,28 @@ def run_tflite(flat: bytes, x: np.ndarray) -> np.ndarray:
 
 
 BROKEN = pytest.mark.xfail(strict=True, reason="measured below the bar; see the report")
-NO_16X8 = pytest.mark.xfail(strict=True, raises=Exception, reason=(
-    "converter: 'Quantization to 16x8-bit not yet supported for op: DEQUANTIZE' "
-    "on a FakeQuant (QAT) graph"))
+# Near the bar and not reproducible run to run (training is not deterministic across
+# runs): measured in both ranges below, so not strict.
+FLAKY = pytest.mark.xfail(strict=False, reason="top-1 measured 0.989-0.997; see comments")
+NO_16X8 = pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "16-bit symmetric QAT converts on the QAT path, but its biases stay int32: "
+    "'depthwise_conv.cc:177 bias->type != kTfLiteInt64'; the bias-type option is "
+    "refused outside PTQ"))
 
 CASES = [  # (weight quantizer, activation quantizer, weight bits, mode)
     ("per_channel", "moving_average", 8, "int8"),
     ("per_tensor", "moving_average", 8, "int8"),
     ("per_channel", "relu6", 8, "int8"),
     ("per_channel", "pact", 8, "int8"),
-    pytest.param("lsq", "lsq", 8, "int8", marks=BROKEN),  # top-1 0.969, within-2 1.000
+    # bias snapping fixed a standalone repro bit-exactly (0.978 -> 1.000) but in this
+    # test it measures 0.989-0.997 (was 0.972): a second cause remains, not found yet.
+    pytest.param("lsq", "lsq", 8, "int8", marks=FLAKY),
     ("per_channel", "percentile", 8, "int8"),
     ("per_channel", "mse", 8, "int8"),
-    pytest.param("per_channel", "moving_average", 4, "int4_weights", marks=BROKEN),  # 0.986
-    pytest.param("lsq", "lsq", 4, "int4_weights", marks=BROKEN),  # top-1 0.928
+    # 0.989-0.997 after bias snapping (was 0.986); int4 depthwise kernel, docs/int4.md
+    pytest.param("per_channel", "moving_average", 4, "int4_weights", marks=FLAKY),
+    # 0.933: int4 DEPTHWISE_CONV_2D (v7) outputs +1 step vs Keras on ~5% (docs/int4.md)
+    pytest.param("lsq", "lsq", 4, "int4_weights", marks=BROKEN),
     pytest.param("per_channel", "moving_average", 8, "int16x8", marks=NO_16X8),
 ]
 
@@ -83,12 +91,15 @@ CASES = [  # (weight quantizer, activation quantizer, weight bits, mode)
 @pytest.mark.parametrize("wq,aq,bits,mode", CASES)
 def test_keras_and_tflite_agree(trained, wq, aq, bits, mode, record_property):
     model, x_train, y_train, x_test, _ = trained
-    pol = policy.uniform(weight_bits=bits, weight_quantizer=wq, activation_quantizer=aq)
+    act_bits = 16 if mode == "int16x8" else 8  # 16x8 needs 16-bit (symmetric) activations
+    pol = policy.uniform(weight_bits=bits, activation_bits=act_bits, weight_quantizer=wq,
+                         activation_quantizer=aq)
     qat = annotate.annotate_model(model, pol, sample_x=x_train[:256])
     qat.compile(keras.optimizers.Adam(2e-4),
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     qat.fit(x_train, y_train, epochs=1, batch_size=64, verbose=0)
-    flat = convert.to_tflite(qat, mode, calibration=x_train[:32], qat=False)
+    annotate.prepare_for_export(qat)  # biases onto TFLite's int32 grid (in place)
+    flat = convert.to_tflite(qat, mode, calibration=x_train[:32], qat=True)
     y_lite, step = run_tflite(flat, x_test)
     y_keras = qat.predict(x_test, verbose=0)
     top1 = np.mean(y_lite.argmax(1) == y_keras.argmax(1))
