@@ -53,7 +53,7 @@ def test_auto_stops_after_ptq_when_it_meets_the_budget(tmp_path):
     out = pipeline.write_outputs(result, tmp_path / "run")
     names = {p.name for p in out.iterdir()}
     assert {"report.html", "report.md", "ptq_int8.tflite"} <= names
-    assert "qat_model.h5" not in names
+    assert "qat_model" not in names
     assert "## Auto mode" in (out / "report.md").read_text()
 
 
