@@ -255,7 +255,10 @@ def direct_layer_errors(tflite: bytes, model: keras.Model, x: np.ndarray,
                 src = _last_layer_of(d["name"], model)
             if src is None:
                 continue
-            pairs.append((i, d["name"], src, layer_of(d["name"], model) or src))
+            layer = layer_of(d["name"], model) or src
+            if any(p[3] == layer for p in pairs):  # one row per layer: its first tensor
+                continue
+            pairs.append((i, d["name"], src, layer))
     probe = keras.Model(model.inputs, [_output_in(model, model.get_layer(p[2]))
                                        for p in pairs])
     refs = probe.predict(x, batch_size=256, verbose=0)
