@@ -28,7 +28,6 @@ import inspect
 import numpy as np
 
 from edgeqat import quantize_configs as qc
-from edgeqat import quantizers
 from edgeqat.config import PolicyConfig
 from edgeqat.errors import UserError
 from edgeqat.keras import keras, require_keras2, tf, tfmot
@@ -45,7 +44,7 @@ from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer
 
 def custom_objects() -> dict:
     """Every custom object an edgeqat QAT model may hold, by class name."""
-    objs = {cls.__name__: cls for cls in quantizers.QUANTIZERS}
+    objs = {cls.__name__: cls for cls in qc.QUANTIZERS}
     objs.update({cls.__name__: cls for cls in qc.CONFIGS})
     objs.update({cls.__name__: cls for cls in LAYERS})
     return objs
@@ -324,7 +323,9 @@ def canonicalize(flat: keras.Model, origin: dict, wants_per_channel) -> tuple[ke
         if bn is not None:
             folded.add(id(bn))
         act = qc.activation_name(layer)
-        fusable = act in qc.FUSABLE_ACTIVATIONS
+        # Only the ops TFLite fuses an activation into keep it; the others (TRANSPOSE_CONV)
+        # get it split out, so their own output has a trained range.
+        fusable = act in qc.FUSABLE_ACTIVATIONS and qc.fuses_activation(layer)
         name = layer.name
 
         if isinstance(layer, L.Conv1D | L.SeparableConv1D) and layer.data_format == \
@@ -419,6 +420,11 @@ def canonicalize(flat: keras.Model, origin: dict, wants_per_channel) -> tuple[ke
 
 
 def _separable(x, layer, weights, kernel, strides, padding, dilation, folded, names, derive):
+    pw_strides = 1
+    if strides[0] != strides[1] and padding == "valid":
+        # TF's CPU depthwise kernel needs equal strides (a strided SeparableConv1D gives
+        # (1, s)): with valid padding, striding the pointwise 1x1 instead is the same.
+        strides, pw_strides = (1, 1), strides
     dw = derive(L.DepthwiseConv2D(kernel, strides, padding,
                                   depth_multiplier=layer.depth_multiplier,
                                   dilation_rate=dilation, use_bias=False,
@@ -426,7 +432,7 @@ def _separable(x, layer, weights, kernel, strides, padding, dilation, folded, na
     h = dw(x)
     dk = weights[0]
     dw.set_weights([dk[None] if dk.ndim == 3 else dk])
-    pw = derive(L.Conv2D(layer.filters, 1, use_bias=layer.use_bias or folded,
+    pw = derive(L.Conv2D(layer.filters, 1, pw_strides, use_bias=layer.use_bias or folded,
                          name=names(layer.name)), layer.name)
     h = pw(h)
     pk = weights[1]
@@ -439,7 +445,7 @@ def _separable(x, layer, weights, kernel, strides, padding, dilation, folded, na
 
 def _fused_into_next(layer, node, consumers) -> bool:
     """The layer's output goes only to a ReLU that TFLite fuses into this layer's op."""
-    if not isinstance(layer, qc.FUSING_LAYERS) or qc.activation_name(layer) not in (
+    if not qc.fuses_activation(layer) or qc.activation_name(layer) not in (
             None, "linear"):
         return False
     outs = tf.nest.flatten(node.outputs)

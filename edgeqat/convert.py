@@ -107,7 +107,8 @@ def snap_biases(qat_model: keras.Model) -> float:
 def _representative(x_calib: np.ndarray):
     def gen() -> Iterable[list[np.ndarray]]:
         for i in range(len(x_calib)):
-            yield [x_calib[i : i + 1].astype(np.float32)]
+            x = x_calib[i : i + 1]
+            yield [x if x.dtype.kind in "iu" else x.astype(np.float32)]  # token ids stay int
 
     return gen
 

@@ -23,7 +23,7 @@ import copy
 import functools
 
 from edgeqat import quantizers as q
-from edgeqat.keras import keras, tfmot
+from edgeqat.keras import keras, tf, tfmot
 from edgeqat.layers import ChannelAffine, ScalarOp
 
 L = keras.layers
@@ -67,11 +67,25 @@ OUTPUT_ONLY = (
 FUSABLE_ACTIVATIONS = ("linear", "relu", "relu6")
 FUSING_LAYERS = (L.Conv2D, L.DepthwiseConv2D, L.Dense, L.Add)
 
+
+def fuses_activation(layer) -> bool:
+    """Whether TFLite fuses a following ReLU/ReLU6 into this layer's op. Not TRANSPOSE_CONV
+    (Conv2DTranspose subclasses Conv2D): its own output needs a trained range."""
+    return isinstance(layer, FUSING_LAYERS) and not isinstance(layer, L.Conv2DTranspose)
+
 # Element-wise activations with an integer TFLite kernel.
 ACTIVATIONS = ("linear", "relu", "relu6", "sigmoid", "tanh", "softmax", "gelu",
                "hard_sigmoid", "elu")
 
 NONNEGATIVE_ACTIVATIONS = ("relu", "relu6", "sigmoid", "softmax", "hard_sigmoid")
+
+# TFLite's int8 LOGISTIC, SOFTMAX and TANH kernels have a fixed output scale and zero
+# point (1/256 and -128; 1/128 and 0). Any other range on their output makes the converter
+# add a requantize op after them and, at a model output, a DEQUANTIZE -> QUANTIZE pair (a
+# float tensor) when the two scales differ in the last float bit. FakeQuant ranges that
+# give exactly those parameters at 8 bits:
+FIXED_OUTPUT_RANGES = {"sigmoid": (0.0, 255.0 / 256.0), "softmax": (0.0, 255.0 / 256.0),
+                       "tanh": (-1.0, 127.0 / 128.0)}
 
 
 def activation_name(layer) -> str | None:
@@ -93,6 +107,15 @@ def relu_bound(layer) -> float | None:
     if isinstance(layer, L.Activation | ScalarOp) or act is None:
         return {"relu": float("inf"), "relu6": 6.0}.get(act)
     return {"relu": float("inf"), "relu6": 6.0}.get(act)
+
+
+def fixed_output_range(layer) -> tuple[float, float] | None:
+    """The (min, max) TFLite's int8 kernel fixes for this layer's output, if it fixes one."""
+    if isinstance(layer, L.Softmax):
+        return FIXED_OUTPUT_RANGES["softmax"]
+    if isinstance(layer, L.Activation):
+        return FIXED_OUTPUT_RANGES.get(activation_name(layer))
+    return None
 
 
 def is_nonnegative(layer) -> bool:
@@ -135,10 +158,43 @@ def _serialize(quantizer):
 def _deserialize(config):
     if config is None:
         return None
-    by_name = {cls.__name__: cls for cls in q.QUANTIZERS}
+    by_name = {cls.__name__: cls for cls in QUANTIZERS}
     if config["class_name"] not in by_name:
         raise ValueError(f"unknown edgeqat quantizer {config['class_name']!r}")
     return by_name[config["class_name"]].from_config(config["config"])
+
+
+class FixedRangeQuantizer(q._Base):
+    """Activation quantizer with a constant range, for ops whose int8 output TFLite fixes.
+
+    Forward:  q(x) = FakeQuantWithMinMaxVars(x, lo, hi): clip to [lo, hi], round to one of
+              2^b levels (sigmoid/softmax: [0, 255/256], scale 1/256; tanh: [-1, 127/128],
+              scale 1/128, the int8 kernels' own output grids).
+    Backward: straight-through inside [lo, hi], zero outside (FakeQuant's gradient).
+    Paper:    fixed output ranges of Jacob et al. 2018 (arXiv:1712.05877), as TFLite's
+              int8 LOGISTIC/SOFTMAX/TANH kernels implement them.
+
+    Lives here, beside the configs that choose it, rather than in ``quantizers``.
+    """
+
+    def __init__(self, num_bits: int = 8, min: float = 0.0, max: float = 1.0):  # noqa: A002
+        q._check_bits(num_bits)
+        self.num_bits = int(num_bits)
+        self.min = float(min)
+        self.max = float(max)
+
+    def build(self, tensor_shape, name, layer):
+        return {}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        return q.fake_quant(inputs, tf.constant(self.min), tf.constant(self.max),
+                            self.num_bits)
+
+    def get_config(self):
+        return {"num_bits": self.num_bits, "min": self.min, "max": self.max}
+
+
+QUANTIZERS = (*q.QUANTIZERS, FixedRangeQuantizer)
 
 
 class LayerQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
@@ -225,6 +281,9 @@ def activation_quantizer(kind: str, bits: int, layer=None):
     ``lsq`` use an unsigned grid where the output is provably non-negative.
     """
     nonneg = layer is not None and is_nonnegative(layer)
+    fixed = fixed_output_range(layer) if layer is not None and bits == 8 else None
+    if fixed is not None:
+        return FixedRangeQuantizer(bits, *fixed)
     if kind == "moving_average":
         return q.MovingAverageRangeQuantizer(bits)
     if kind == "relu6":
