@@ -78,5 +78,5 @@ def test_plain_tfmot_quantize_model_refuses(name):
     TFOpLambda, Rescaling/Normalization, lone BN)."""
     from edgeqat.keras import tfmot
 
-    with pytest.raises((ValueError, RuntimeError, TypeError)):
+    with pytest.raises((ValueError, RuntimeError, TypeError, AttributeError)):
         tfmot.quantization.keras.quantize_model(MODELS[name]())
