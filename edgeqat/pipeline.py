@@ -11,7 +11,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +137,16 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
                           summary)
 
 
+@contextmanager
+def _quiet_absl():
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
 def write_outputs(result: PipelineResult, output_dir: Path) -> Path:
     """Writes all artifacts into ``output_dir`` atomically (a sibling temp dir, renamed)."""
     from edgeqat import annotate, report
@@ -153,7 +162,7 @@ def write_outputs(result: PipelineResult, output_dir: Path) -> Path:
             (tmp / f"{name}.tflite").write_bytes(content)
         if result.qat_model is not None:  # auto mode may ship without QAT
             # A SavedModel directory: the one format the QAT wrappers round-trip in.
-            with annotate.scope():
+            with annotate.scope(), _quiet_absl():  # the saver logs every asset it writes
                 result.qat_model.save(tmp / "qat_model", save_format="tf")
         result.float_model.save(tmp / "float_model.keras")
         (tmp / "pipeline.toml").write_text(to_toml(result.config))
@@ -240,7 +249,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def entry() -> None:
     _define_flags()
-    warnings.filterwarnings("ignore", message=".*HDF5 file.*")
     app.run(main, flags_parser=_parse_flags)
 
 
