@@ -27,6 +27,7 @@ access to the Debian mirror and PyPI on the first setup only.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -153,6 +154,18 @@ def setup(sysroot: Path | None = None, *, force: bool = False, log=print) -> Pat
     if not force and is_ready(sysroot):
         log(f"sysroot {sysroot} is ready (cached)")
         return sysroot
+    sysroot.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time (parallel test workers, two pipelines): the others wait, then
+    # find the sysroot ready instead of swapping it out from under a running emulation.
+    with open(sysroot.parent / f".{sysroot.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and is_ready(sysroot):
+            log(f"sysroot {sysroot} is ready (built by another process)")
+            return sysroot
+        return _build(sysroot, log)
+
+
+def _build(sysroot: Path, log) -> Path:
     qemu_binary()
     t0 = time.monotonic()
     sysroot.parent.mkdir(parents=True, exist_ok=True)
