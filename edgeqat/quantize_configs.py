@@ -190,6 +190,10 @@ class FixedRangeQuantizer(q._Base):
         return q.fake_quant(inputs, tf.constant(self.min), tf.constant(self.max),
                             self.num_bits)
 
+    def scale(self, weights, tensor=None):
+        """FakeQuant's step for the fixed range (what bias snapping needs downstream)."""
+        return q.activation_scale(self.min, self.max, self.num_bits)
+
     def get_config(self):
         return {"num_bits": self.num_bits, "min": self.min, "max": self.max}
 
