@@ -104,6 +104,44 @@ def snap_biases(qat_model: keras.Model) -> float:
     return worst
 
 
+# op -> the index of its bias input
+_BIAS_INPUT = {"CONV_2D": 2, "DEPTHWISE_CONV_2D": 2, "FULLY_CONNECTED": 2, "TRANSPOSE_CONV": 3}
+
+
+def widen_int16_biases(flat: bytes) -> bytes:
+    """Stores the int32 biases of int16-input ops as int64, the type their kernels read.
+
+    TFLite's 16x8 convolution kernels read an int64 bias ("depthwise_conv.cc: bias->type
+    != kTfLiteInt64" otherwise). The converter's PTQ path writes int64, but its QAT path
+    (FakeQuant ranges) writes int32 and refuses the bias-type option. The values and
+    their scale (``s_in * s_w``, zero point 0) are already right: only the storage
+    widens, so the model computes exactly what the converter quantized.
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(flat))
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    changed = 0
+    for graph in model.subgraphs:
+        for op in graph.operators:
+            code = model.operatorCodes[op.opcodeIndex]
+            name = names.get(max(code.builtinCode, code.deprecatedBuiltinCode))
+            at = _BIAS_INPUT.get(name)
+            if at is None or len(op.inputs) <= at or op.inputs[at] < 0:
+                continue
+            data = graph.tensors[op.inputs[2 if name == "TRANSPOSE_CONV" else 0]]
+            bias = graph.tensors[op.inputs[at]]
+            if data.type != schema.TensorType.INT16 or bias.type != schema.TensorType.INT32:
+                continue
+            buf = model.buffers[bias.buffer]
+            values = np.frombuffer(bytes(bytearray(buf.data)), np.int32)
+            buf.data = np.frombuffer(values.astype(np.int64).tobytes(), np.uint8)
+            bias.type = schema.TensorType.INT64
+            changed += 1
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)) if changed else flat
+
+
 def _representative(x_calib: np.ndarray):
     def gen() -> Iterable[list[np.ndarray]]:
         for i in range(len(x_calib)):
@@ -142,7 +180,8 @@ def to_tflite(model: keras.Model, mode: str = "int8", *,
         not yet supported for op: DEQUANTIZE" with 8-bit FakeQuants; asymmetric 16-bit
         FakeQuants give int16 zero points the kernels refuse). A QAT model with 8-bit
         activation quantizers cannot become a faithful 16x8 model: its Keras function
-        rounds activations to 8 bits.
+        rounds activations to 8 bits. The QAT path writes int32 biases; they are
+        widened to the int64 the 16x8 kernels read (``widen_int16_biases``).
       calibration: representative float inputs; required for a float model (PTQ) in
         integer modes. For a QAT model, whose ranges were learned, it only fills ranges
         of tensors training did not simulate; without it, full integer is proven
@@ -189,4 +228,5 @@ def to_tflite(model: keras.Model, mode: str = "int8", *,
         converter.representative_dataset = _representative(calibration)
     elif not is_qat:
         raise ValueError(f"{mode} conversion of a float model needs calibration data")
-    return converter.convert()
+    flat = converter.convert()
+    return widen_int16_biases(flat) if mode == "int16x8" and is_qat else flat
