@@ -401,7 +401,16 @@ def _check_pipeline(cfg: PipelineConfig, file: str) -> None:
     rules = [(f"policy.rules[{i}]", r) for i, r in enumerate(cfg.policy.rules)]
     for where, rule in [*rules, ("policy.default", cfg.policy.default)]:
         _check_rule(rule, where, file)
+        if cfg.convert.mode == "int16x8" and not rule.float and rule.activation_bits != 16:
+            raise ConfigError(
+                f"{file}: {where}.activation_bits = {rule.activation_bits} but convert.mode "
+                "= 'int16x8' ships 16-bit activations: set activation_bits = 16 (QAT must "
+                "train the ranges it ships)")
     _check_qat(cfg.qat, file)
+    for i, p in enumerate(cfg.qat.precision):
+        if cfg.convert.mode == "int16x8" and p.activation_bits not in (0, 16):
+            raise ConfigError(f"{file}: qat.precision[{i}].activation_bits = "
+                              f"{p.activation_bits} but convert.mode = 'int16x8': use 0 or 16")
 
 
 def _check_qat(q: QatConfig, file: str) -> None:

@@ -41,6 +41,8 @@ def test_defaults_exist():
         ("[data]\nname = 'npz'\n", "data.path is required when data.name = 'npz'"),
         ("[[policy.rules]]\nlayers = '('\n", "policy.rules[0].layers is not a valid regex"),
         ("[convert]\nmode = 'int2'\n", "convert.mode = 'int2' is not one of: int8, int16x8"),
+        ("[convert]\nmode = 'int16x8'\n",
+         "policy.default.activation_bits = 8 but convert.mode = 'int16x8'"),
         ("name = \n", "malformed TOML"),
         ("[model]\nbatch_size = true\n", "model.batch_size = True must be an integer"),
     ],
