@@ -6,11 +6,15 @@ float op is left and names the offenders otherwise.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import numpy as np
 
-from edgeqat.keras import keras, tf, tfmot
+from edgeqat.keras import keras, quiet_stderr, tf, tfmot
+
+# The MLIR quantizer prints its settings to stderr on every conversion.
+CONVERTER_NOISE = re.compile(r"^fully_quantize: \d")
 
 MODES = ("float", "int8", "int16x8", "int4_weights")
 
@@ -142,6 +146,12 @@ def widen_int16_biases(flat: bytes) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model)) if changed else flat
 
 
+def run_converter(converter) -> bytes:
+    """``converter.convert()`` without the MLIR quantizer's settings line on stderr."""
+    with quiet_stderr(CONVERTER_NOISE):
+        return converter.convert()
+
+
 def _representative(x_calib: np.ndarray):
     def gen() -> Iterable[list[np.ndarray]]:
         for i in range(len(x_calib)):
@@ -208,7 +218,7 @@ def to_tflite(model: keras.Model, mode: str = "int8", *,
     fn = _concrete_function(model)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], model)
     if mode == "float":
-        return converter.convert()
+        return run_converter(converter)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode == "int16x8":
         converter.target_spec.supported_ops = [
@@ -228,5 +238,5 @@ def to_tflite(model: keras.Model, mode: str = "int8", *,
         converter.representative_dataset = _representative(calibration)
     elif not is_qat:
         raise ValueError(f"{mode} conversion of a float model needs calibration data")
-    flat = converter.convert()
+    flat = run_converter(converter)
     return widen_int16_biases(flat) if mode == "int16x8" and is_qat else flat

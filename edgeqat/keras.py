@@ -5,6 +5,7 @@ set before TensorFlow is first imported. Every other module imports ``tf``, ``ke
 ``tfmot`` from here.
 """
 
+import contextlib
 import os
 import re
 import sys
@@ -21,7 +22,13 @@ _NOISE = re.compile(r"cudart_stub|cuda_platform|cuda_dnn|cuda_fft|cuda_blas|cpu_
                     r"computation placer|oneDNN custom operations")
 
 
-def _import_quietly():
+@contextlib.contextmanager
+def quiet_stderr(noise: re.Pattern = _NOISE):
+    """Drops lines matching ``noise`` that C++ code writes to fd 2 inside the block.
+
+    Every other line is passed on when the block ends (also when it raises), so errors
+    are never hidden, only held until then.
+    """
     try:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -31,17 +38,23 @@ def _import_quietly():
         if saved is not None:
             os.dup2(caught.fileno(), 2)
         try:
-            import tensorflow
-            import tensorflow_model_optimization
-            import tf_keras
+            yield
         finally:
             if saved is not None:
+                sys.stderr.flush()
                 os.dup2(saved, 2)
                 os.close(saved)
                 caught.seek(0)
                 for line in caught.read().decode(errors="replace").splitlines(keepends=True):
-                    if not _NOISE.search(line):
+                    if not noise.search(line):
                         sys.stderr.write(line)
+
+
+def _import_quietly():
+    with quiet_stderr():
+        import tensorflow
+        import tensorflow_model_optimization
+        import tf_keras
     return tensorflow, tensorflow_model_optimization, tf_keras
 
 
@@ -49,7 +62,7 @@ tf, tfmot, keras = _import_quietly()
 
 tf.get_logger().setLevel("ERROR")  # TensorFlow's own INFO lines drown edgeqat's stage log
 
-__all__ = ["tf", "keras", "tfmot", "require_keras2"]
+__all__ = ["tf", "keras", "tfmot", "require_keras2", "quiet_stderr"]
 
 
 def require_keras2(model, what: str = "model") -> None:

@@ -7,10 +7,12 @@ With no arguments it runs ``pipelines/digits_dscnn.toml`` on the local CPU and w
 from __future__ import annotations
 
 import dataclasses
+import logging as std_logging
 import os
 import shutil
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,7 +219,27 @@ def _with_checkpoint_dir(cfg: PipelineConfig, output_dir: Path) -> PipelineConfi
     return dataclasses.replace(cfg, qat=dataclasses.replace(cfg.qat, checkpoint_dir=ckpt))
 
 
+def _quiet_third_party() -> None:
+    """Keeps the stage log edgeqat's own: one line per stage.
+
+    TensorFlow logs INFO lines through absl while it saves checkpoints and SavedModels
+    (sharding, fingerprints, untraced functions), and two warnings concern what edgeqat
+    does on purpose (the quantization debugger's tf.lite.Interpreter; intermediate
+    tensors kept for per-layer error). Warnings and errors from anywhere still show.
+    """
+    own = f"{os.sep}edgeqat{os.sep}"
+
+    class _OwnInfo(std_logging.Filter):
+        def filter(self, record: std_logging.LogRecord) -> bool:
+            return record.levelno >= std_logging.WARNING or own in record.pathname
+
+    std_logging.getLogger("absl").addFilter(_OwnInfo())
+    warnings.filterwarnings("ignore", message=r"\s*Warning: tf\.lite\.Interpreter is deprecated")
+    warnings.filterwarnings("ignore", message=r".*`experimental_preserve_all_tensors`")
+
+
 def main(argv: list[str]) -> int:
+    _quiet_third_party()
     if len(argv) > 1:
         print(f"edgeqat: error: unexpected argument {argv[1]!r}; see --help", file=sys.stderr)
         return 2

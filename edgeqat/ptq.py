@@ -72,7 +72,7 @@ def calibrate(model: keras.Model, x_calib: np.ndarray, cfg: PtqConfig | None = N
       cfg: calibration method (``minmax``, ``percentile``, ``mse``) and AdaRound options;
         AdaRound, if on, is applied to a copy of ``model`` before calibrating.
     """
-    from edgeqat.convert import _concrete_function, _representative
+    from edgeqat.convert import _concrete_function, _representative, run_converter
 
     cfg = cfg or PtqConfig()
     if cfg.adaround:
@@ -84,7 +84,7 @@ def calibrate(model: keras.Model, x_calib: np.ndarray, cfg: PtqConfig | None = N
     converter.representative_dataset = _representative(x_calib)
     converter.experimental_mlir_quantizer = True
     converter._experimental_calibrate_only = True
-    calibrated = converter.convert()
+    calibrated = run_converter(converter)
     if cfg.calibration != "minmax":
         calibrated = _set_ranges(calibrated, x_calib[: cfg.range_samples], cfg)
     return Calibrated(calibrated, cfg.calibration, tuple(layer.name for layer in model.layers))
@@ -109,15 +109,19 @@ def quantize(cal: Calibrated, *, activations: str = "int8", float_nodes=(),
     if activations != "int8":
         raise ValueError("quantize() makes int8 models; for 16x8 use convert.to_tflite: "
                          "mlir_quantize's int16 path gives zero points the kernels reject")
-    return lite_convert.mlir_quantize(
-        cal.model,
-        fully_quantize=not debug,
-        inference_type=types_pb2.QUANTIZED_INT8,
-        input_data_type=tf.float32 if debug else tf.int8,
-        output_data_type=tf.float32 if debug else tf.int8,
-        enable_numeric_verify=debug,
-        denylisted_nodes=list(float_nodes) or None,
-    )
+    from edgeqat.convert import CONVERTER_NOISE
+    from edgeqat.keras import quiet_stderr
+
+    with quiet_stderr(CONVERTER_NOISE):
+        return lite_convert.mlir_quantize(
+            cal.model,
+            fully_quantize=not debug,
+            inference_type=types_pb2.QUANTIZED_INT8,
+            input_data_type=tf.float32 if debug else tf.int8,
+            output_data_type=tf.float32 if debug else tf.int8,
+            enable_numeric_verify=debug,
+            denylisted_nodes=list(float_nodes) or None,
+        )
 
 
 def post_training(model: keras.Model, x_calib: np.ndarray, mode: str,

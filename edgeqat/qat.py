@@ -606,7 +606,9 @@ def fine_tune(qat_model: keras.Model, data: Dataset, cfg: QatConfig, *,
                            "val_accuracy": val_accuracy(logits_of),
                            "learning_rate": float(lr(step - 1)), **dataclasses.asdict(phase)}
                 history.append(summary)
-                logging.info("QAT epoch %d: %s", epoch, summary)
+                logging.info("QAT epoch %d (step %d): loss %s, val accuracy %s, lr %.3g",
+                             epoch, step, _fmt(summary["loss"]),
+                             _fmt(summary["val_accuracy"]), summary["learning_rate"])
                 cb.on_epoch_end(epoch, dict(summary))
                 if ckpt is not None:
                     ckpt.save(step, history)
@@ -636,3 +638,7 @@ def _describe(phase: Phase) -> str:
     return (f"fake quant {'on' if phase.quantize else 'off (delay)'}, ranges "
             f"{'frozen' if phase.ranges_frozen else 'tracking'}, BatchNorm "
             f"{'frozen' if phase.bn_frozen else 'training'}{bits}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"

@@ -16,6 +16,11 @@ def test_tiny_pipeline_end_to_end(tiny_pipeline, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     for stage in ("data", "float", "ptq", "annotate", "qat", "convert", "validate"):
         assert f"stage {stage} done in" in p.stderr
+    # the stage log is edgeqat's: no TensorFlow saver INFO, converter settings or
+    # warnings about what edgeqat does on purpose
+    for noise in ("functional_saver", "fingerprint", "fully_quantize:", "deprecated",
+                  "experimental_preserve_all_tensors", "Traceback"):
+        assert noise not in p.stderr, noise
     names = {f.name for f in out.iterdir()}
     assert {"report.json", "report.md", "float.tflite", "ptq_int8.tflite", "qat_int8.tflite",
             "qat_model", "float_model.keras", "pipeline.toml", "device.toml"} <= names
