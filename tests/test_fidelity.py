@@ -70,11 +70,14 @@ INT4_ROUNDING = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "DEPTHWISE_CONV_2D (v7) kernels round an output up when its exact value's fraction "
     "lies in [0.5 - 2^floor(log2 M), 0.5), M = s_in*s_w/s_out; LSQ's coarse 4-bit steps "
     "make M ~ 0.06, so ~5% of outputs move one step and near-tied logits flip"))
-INT16_ROUNDING = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+# Not strict: within-2-steps varied from 0.914 to 0.981 between processes (top-1 1.000).
+INT16_ROUNDING = pytest.mark.xfail(strict=False, raises=AssertionError, reason=(
     "converts and runs (int64 biases, convert.widen_int16_biases); top-1 1.000 but "
-    "within-2-steps 0.981, at most 4 steps of the 16-bit output step (1/64 of an int8 "
+    "within-2-steps 0.91-0.98, at most 4 steps of the 16-bit output step (1/64 of an int8 "
     "step): the 16x8 kernels requantize with a 15-bit multiplier "
-    "(MultiplyByQuantizedMultiplier(int64), relative error up to 2^-16)"))
+    "(MultiplyByQuantizedMultiplier(int64)); that model reproduces every CONV_2D output, "
+    "and snapping the weight scales so each multiplier has 15 bits lifted 0.914 to 0.978 "
+    "(not shipped: ADD and MEAN rescale inexactly too)"))
 CASES = [  # (weight quantizer, activation quantizer, weight bits, mode)
     ("per_channel", "moving_average", 8, "int8"),
     ("per_tensor", "moving_average", 8, "int8"),
