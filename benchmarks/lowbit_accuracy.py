@@ -28,7 +28,6 @@ Writes benchmarks/results/lowbit_accuracy.md and .json.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -46,23 +45,6 @@ flags.DEFINE_bool("distill", False, "Knowledge distillation from the float model
 flags.DEFINE_string("out", str(Path(__file__).parent / "results" / "lowbit_accuracy"),
                     "Output path without extension.")
 FLAGS = flags.FLAGS
-
-
-def _tflite_accuracy(flat: bytes, x: np.ndarray, y: np.ndarray) -> float:
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_content=flat, num_threads=1)
-    it.allocate_tensors()
-    inp, out = it.get_input_details()[0], it.get_output_details()[0]
-    if inp["dtype"] == np.int8:
-        scale, zero = inp["quantization"]
-        x = np.clip(np.round(x / scale + zero), -128, 127).astype(np.int8)
-    preds = []
-    for i in range(len(x)):  # the graph's batch dimension is fixed at 1
-        it.set_tensor(inp["index"], x[i:i + 1])
-        it.invoke()
-        preds.append(it.get_tensor(out["index"])[0].argmax())
-    return float((np.array(preds) == y).mean())
 
 
 def _round_weights(model, bits: int, keep: tuple[str, ...] = ()):
@@ -83,8 +65,9 @@ def _round_weights(model, bits: int, keep: tuple[str, ...] = ()):
 
 def main(argv):
     del argv
-    from edgeqat import annotate, convert, inspect, models, policy, qat, train
+    from edgeqat import annotate, convert, inspect, models, policy, qat, report, train
     from edgeqat.data import load_dataset
+    from edgeqat.diagnostics import tflite_accuracy
     from edgeqat.keras import keras, tf
     from edgeqat.pipeline import resolve_configs
 
@@ -100,7 +83,7 @@ def main(argv):
     weighted = [layer.name for layer in trained.model.layers if hasattr(layer, "kernel")]
     first, last = weighted[0], weighted[-1]
 
-    rows = [{"recipe": "float", "tflite_accuracy": [_tflite_accuracy(
+    rows = [{"recipe": "float", "tflite_accuracy": [tflite_accuracy(
         convert.to_tflite(trained.model, "float"), xt, yt)], "seconds": [float_seconds]}]
     for name, model in (("PTQ w8 (int8)", trained.model),
                         ("PTQ w4 (4-bit RTN weights, all layers)",
@@ -109,7 +92,7 @@ def main(argv):
                          _round_weights(trained.model, 4, keep=(first, last)))):
         flat = convert.to_tflite(model, "int8", calibration=data.x_calib)
         inspect.require_full_integer(flat, name)
-        rows.append({"recipe": name, "tflite_accuracy": [_tflite_accuracy(flat, xt, yt)],
+        rows.append({"recipe": name, "tflite_accuracy": [tflite_accuracy(flat, xt, yt)],
                      "seconds": [0.0]})
 
     lsq = policy.uniform(weight_bits=4, activation_bits=8, weight_quantizer="lsq",
@@ -133,7 +116,7 @@ def main(argv):
                                   float_learning_rate=cfg.model.learning_rate)
             flat = convert.to_tflite(tuned.model, "int8", qat=True)
             inspect.require_full_integer(flat, name)
-            row["tflite_accuracy"].append(_tflite_accuracy(flat, xt, yt))
+            row["tflite_accuracy"].append(tflite_accuracy(flat, xt, yt))
             row["keras_accuracy"].append(tuned.accuracy)
             row["seconds"].append(tuned.seconds)
             print(name, seed, row["tflite_accuracy"][-1], flush=True)
@@ -153,9 +136,6 @@ def main(argv):
               "qat_epochs": FLAGS.qat_epochs, "qat_learning_rate": FLAGS.qat_lr,
               "activation_quantizer": FLAGS.act, "distill": FLAGS.distill,
               "test_samples": int(len(yt)), "rows": rows, "acceptance": acceptance}
-    out = Path(FLAGS.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = ["# Low-bit weights: MNIST-1D CNN, LSQ 4-bit QAT vs float vs 4-bit PTQ", "",
              f"Float model from `pipelines/mnist1d_cnn.toml`; LSQ rows: {FLAGS.qat_epochs} QAT "
              f"epochs, peak lr {FLAGS.qat_lr:g}, activations {FLAGS.act}, distillation "
@@ -176,7 +156,7 @@ def main(argv):
                      f"{'yes' if acc['within_1.5_points_of_float'] else 'NO'}; above PTQ w4 "
                      f"(all layers): {'yes' if acc['above_ptq_w4_all_layers'] else 'NO'}.  ")
     lines.append("")
-    out.with_suffix(".md").write_text("\n".join(lines))
+    report.write_results(Path(FLAGS.out), result, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -9,7 +9,6 @@ measured in the same run (absolute milliseconds depend on the machine).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -19,6 +18,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from edgeqat import report  # noqa: E402
 from edgeqat.pipeline import resolve_configs, run  # noqa: E402
 
 flags.DEFINE_list("pipelines", ["digits_dscnn", "mnist1d_cnn", "digits_dscnn_int16x8"],
@@ -68,10 +68,7 @@ def main(argv):
               "These reference models take tens of microseconds per invoke, so the fixed "
               "per-invoke cost dominates and int8 is not faster here; NOTES.md measured "
               "3.6x for ResNet50 on this CPU.\n\n")
-    out = Path(FLAGS.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(header + "\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    report.write_results(Path(FLAGS.out), rows, header + "\n".join(lines) + "\n", indent=2)
     print("\n".join(lines))
 
 

@@ -22,7 +22,6 @@ variants alike. Reported: median step time per variant and its ratio to the floa
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -44,7 +43,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from edgeqat import annotate, models, policy
+    from edgeqat import annotate, models, policy, report
     from edgeqat.keras import keras, tf, tfmot
 
     keras.utils.set_random_seed(0)
@@ -84,9 +83,6 @@ def main(argv):
               "steps": FLAGS.steps, "warmup": FLAGS.warmup,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                          f"TensorFlow {tf.__version__}", "rows": rows}
-    out = Path(FLAGS.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = ["# QAT training-step overhead vs float", "",
              f"{result['model']}, batch {FLAGS.batch}, Adam, `train_on_batch`; median of "
              f"{FLAGS.steps} steps per variant, interleaved in shuffled order each round, "
@@ -97,7 +93,7 @@ def main(argv):
         lines.append(f"| {r['variant']} | {r['median_ms']:.1f} | {r['iqr_ms'][0]:.1f}–"
                      f"{r['iqr_ms'][1]:.1f} | {r['ratio_to_float']:.2f} |")
     lines.append("")
-    out.with_suffix(".md").write_text("\n".join(lines))
+    report.write_results(Path(FLAGS.out), result, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -22,7 +22,6 @@ benchmarks/results/qat_recipes.md and .json.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -37,23 +36,6 @@ flags.DEFINE_integer("qat_epochs", 5, "QAT epochs (the pipeline's value).")
 flags.DEFINE_string("out", str(Path(__file__).parent / "results" / "qat_recipes"),
                     "Output path without extension.")
 FLAGS = flags.FLAGS
-
-
-def _tflite_accuracy(flat: bytes, x: np.ndarray, y: np.ndarray) -> float:
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_content=flat, num_threads=1)
-    it.allocate_tensors()
-    inp, out = it.get_input_details()[0], it.get_output_details()[0]
-    if inp["dtype"] == np.int8:
-        scale, zero = inp["quantization"]
-        x = np.clip(np.round(x / scale + zero), -128, 127).astype(np.int8)
-    preds = []
-    for i in range(len(x)):  # one at a time: the graph's batch dimension is fixed at 1
-        it.set_tensor(inp["index"], x[i:i + 1])
-        it.invoke()
-        preds.append(it.get_tensor(out["index"])[0].argmax())
-    return float((np.array(preds) == y).mean())
 
 
 def _round_weights(model, bits: int):
@@ -74,9 +56,10 @@ def _round_weights(model, bits: int):
 
 def main(argv):
     del argv
-    from edgeqat import annotate, convert, inspect, models, qat, train
+    from edgeqat import annotate, convert, inspect, models, qat, report, train
     from edgeqat.config import PrecisionStep, RuleConfig
     from edgeqat.data import load_dataset
+    from edgeqat.diagnostics import tflite_accuracy
     from edgeqat.keras import keras, tf
     from edgeqat.pipeline import resolve_configs
 
@@ -89,14 +72,14 @@ def main(argv):
                                                    data.num_classes), data, cfg.model)
     float_seconds = time.perf_counter() - start
     xt, yt = data.x_test, data.y_test
-    rows = [{"recipe": "float", "tflite_accuracy": [_tflite_accuracy(
+    rows = [{"recipe": "float", "tflite_accuracy": [tflite_accuracy(
         convert.to_tflite(trained.model, "float"), xt, yt)],
         "keras_accuracy": [trained.accuracy], "seconds": [round(float_seconds, 1)]}]
     for name, model in (("PTQ int8 (8-bit weights)", trained.model),
                         ("PTQ w4 (4-bit RTN weights)", _round_weights(trained.model, 4))):
         flat = convert.to_tflite(model, "int8", calibration=data.x_calib)
         inspect.require_full_integer(flat, name)
-        rows.append({"recipe": name, "tflite_accuracy": [_tflite_accuracy(flat, xt, yt)],
+        rows.append({"recipe": name, "tflite_accuracy": [tflite_accuracy(flat, xt, yt)],
                      "keras_accuracy": [train.accuracy(model, xt, yt)], "seconds": [0.0]})
 
     policy = dataclasses.replace(cfg.policy, rules=(), default=RuleConfig(weight_bits=4))
@@ -122,7 +105,7 @@ def main(argv):
                                   float_learning_rate=cfg.model.learning_rate)
             flat = convert.to_tflite(tuned.model, "int8", qat=True)
             inspect.require_full_integer(flat, name)
-            row["tflite_accuracy"].append(_tflite_accuracy(flat, xt, yt))
+            row["tflite_accuracy"].append(tflite_accuracy(flat, xt, yt))
             row["keras_accuracy"].append(tuned.accuracy)
             row["seconds"].append(round(tuned.seconds, 1))
             print(name, seed, row["tflite_accuracy"][-1], flush=True)
@@ -136,9 +119,6 @@ def main(argv):
               "test_samples": int(len(yt)), "rows": rows,
               "note": "mnist1d_cnn has no BatchNormalization, so bn_freeze has nothing to act "
                       "on here; TFLite accuracy of the fully-integer model."}
-    out = Path(FLAGS.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = ["# QAT recipes: MNIST-1D CNN, 4-bit weights / 8-bit activations", "",
              f"Float model from `pipelines/mnist1d_cnn.toml`; {FLAGS.qat_epochs} QAT epochs; "
              f"QAT rows are mean ± std over {FLAGS.seeds} QAT seeds (data order) from the "
@@ -152,7 +132,7 @@ def main(argv):
         lines.append(f"| {r['recipe']} | {r['mean']:.3f} ± {r['std']:.3f} | {seeds} | "
                      f"{keras_acc:.3f} | {np.mean(r['seconds']):.1f} |")
     lines += ["", result["note"], ""]
-    out.with_suffix(".md").write_text("\n".join(lines))
+    report.write_results(Path(FLAGS.out), result, "\n".join(lines))
     print("\n".join(lines))
 
 

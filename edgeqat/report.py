@@ -378,6 +378,13 @@ def _atomic_write(path: Path, text: str | bytes) -> None:
     os.replace(tmp, path)
 
 
+def write_results(out: Path, data: object, markdown: str, indent: int = 1) -> None:
+    """A benchmark's results, ``out``.json and ``out``.md, each written atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out.with_suffix(".json"), json.dumps(data, indent=indent) + "\n")
+    _atomic_write(out.with_suffix(".md"), markdown)
+
+
 def write_report(r: dict, directory: Path) -> None:
     """Writes report.json, report.md (+ plots/*.png) and report.html into ``directory``."""
     directory = Path(directory)
