@@ -124,13 +124,14 @@ def widen_int16_biases(flat: bytes) -> bytes:
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
 
+    from edgeqat.inspect import builtin_code, schema_names
+
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(flat))
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    names = schema_names(schema.BuiltinOperator)
     changed = 0
     for graph in model.subgraphs:
         for op in graph.operators:
-            code = model.operatorCodes[op.opcodeIndex]
-            name = names.get(max(code.builtinCode, code.deprecatedBuiltinCode))
+            name = names.get(builtin_code(model, op))
             at = _BIAS_INPUT.get(name)
             if at is None or len(op.inputs) <= at or op.inputs[at] < 0:
                 continue

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeqat.errors import UserError
+from edgeqat.inspect import builtin_code, schema_names
 
 CUSTOM_OP = "edgetpu-custom-op"
 
@@ -58,10 +59,6 @@ def _schema():
         raise UserError("the Edge TPU report needs ai-edge-litert (its flatbuffer schema "
                         f"module could not be imported: {e})") from None
     return schema
-
-
-def _names(cls) -> dict[int, str]:
-    return {v: k for k, v in vars(cls).items() if not k.startswith("_") and isinstance(v, int)}
 
 
 @dataclass(frozen=True)
@@ -137,14 +134,13 @@ class _Graph:
         self.schema = schema
         self.m = schema.ModelT.InitFromPackedBuf(buf, 0)
         self.sg = self.m.subgraphs[0]
-        self.op_names = _names(schema.BuiltinOperator)
-        self.type_names = {k: v.lower() for k, v in _names(schema.TensorType).items()}
+        self.op_names = schema_names(schema.BuiltinOperator)
+        self.type_names = {k: v.lower() for k, v in schema_names(schema.TensorType).items()}
 
     def op_name(self, op) -> str:
-        code = self.m.operatorCodes[op.opcodeIndex]
-        builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+        builtin = builtin_code(self.m, op)
         if builtin == self.schema.BuiltinOperator.CUSTOM:
-            custom = code.customCode
+            custom = self.m.operatorCodes[op.opcodeIndex].customCode
             return custom.decode() if isinstance(custom, bytes) else str(custom)
         return self.op_names.get(builtin, f"BUILTIN_{builtin}")
 

@@ -42,6 +42,18 @@ def list_ops(model: bytes) -> list[OpFacts]:
     return ops
 
 
+def schema_names(enum) -> dict[int, str]:
+    """A flatbuffer schema enum (``BuiltinOperator``, ``TensorType``) as value -> name."""
+    return {v: k for k, v in vars(enum).items() if not k.startswith("_") and isinstance(v, int)}
+
+
+def builtin_code(model_t, op) -> int:
+    """The builtin operator code of ``op`` in an unpacked ``ModelT`` (newer files keep it
+    in ``builtinCode``, older ones in ``deprecatedBuiltinCode``)."""
+    code = model_t.operatorCodes[op.opcodeIndex]
+    return max(code.builtinCode, code.deprecatedBuiltinCode)
+
+
 def tensor_types(model: bytes) -> dict[str, int]:
     """How many tensors of each stored type the flatbuffer holds (main subgraph).
 
@@ -51,8 +63,7 @@ def tensor_types(model: bytes) -> dict[str, int]:
     """
     from tensorflow.lite.python import schema_py_generated as schema
 
-    names = {v: k.lower() for k, v in vars(schema.TensorType).items()
-             if not k.startswith("_")}
+    names = {v: k.lower() for v, k in schema_names(schema.TensorType).items()}
     graph = schema.ModelT.InitFromPackedBuf(bytearray(model), 0).subgraphs[0]
     counts: dict[str, int] = {}
     for t in graph.tensors:
