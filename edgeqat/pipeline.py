@@ -219,6 +219,14 @@ def _with_checkpoint_dir(cfg: PipelineConfig, output_dir: Path) -> PipelineConfi
     return dataclasses.replace(cfg, qat=dataclasses.replace(cfg.qat, checkpoint_dir=ckpt))
 
 
+class _OwnInfo(std_logging.Filter):
+    """Passes warnings and errors from anywhere, INFO only from edgeqat's own modules."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return (record.levelno >= std_logging.WARNING
+                or f"{os.sep}edgeqat{os.sep}" in record.pathname)
+
+
 def _quiet_third_party() -> None:
     """Keeps the stage log edgeqat's own: one line per stage.
 
@@ -227,13 +235,9 @@ def _quiet_third_party() -> None:
     does on purpose (the quantization debugger's tf.lite.Interpreter; intermediate
     tensors kept for per-layer error). Warnings and errors from anywhere still show.
     """
-    own = f"{os.sep}edgeqat{os.sep}"
-
-    class _OwnInfo(std_logging.Filter):
-        def filter(self, record: std_logging.LogRecord) -> bool:
-            return record.levelno >= std_logging.WARNING or own in record.pathname
-
-    std_logging.getLogger("absl").addFilter(_OwnInfo())
+    absl_logger = std_logging.getLogger("absl")
+    if not any(isinstance(f, _OwnInfo) for f in absl_logger.filters):  # main() may rerun
+        absl_logger.addFilter(_OwnInfo())
     warnings.filterwarnings("ignore", message=r"\s*Warning: tf\.lite\.Interpreter is deprecated")
     warnings.filterwarnings("ignore", message=r".*`experimental_preserve_all_tensors`")
 
