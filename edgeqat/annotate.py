@@ -56,18 +56,27 @@ def scope():
     return tfmot.quantization.keras.quantize_scope(custom_objects())
 
 
-def prepare_for_export(qat_model: keras.Model) -> keras.Model:
-    """Returns the model to hand to the converter: ``qat_model``, biases snapped.
+def prepare_for_export(qat_model: keras.Model, mode: str = "int8") -> keras.Model:
+    """Returns the model to hand to the converter for ``mode``: ``qat_model``, made to
+    compute what the ``mode`` flatbuffer computes (in place).
 
     No swap is needed: every edgeqat quantizer's inference-mode graph (the one the
     converter traces with ``training=False``) is a bare FakeQuantWithMinMaxVars[PerChannel]
-    on the learned range; LSQ's custom gradient exists only in training mode. Biases are
-    put on the int32 grid TFLite stores them on (``convert.snap_biases``, in place), so
-    the Keras model computes what ships; the flatbuffer is the same either way.
+    on the learned range; LSQ's custom gradient exists only in training mode. Two things
+    make the Keras model's inference mode equal the kernels':
+
+    * biases are put on the int32 grid TFLite stores them on (``convert.snap_biases``);
+    * where ``mode``'s kernels round differently from the float graph (int4 weights,
+      16x8), the affected outputs round as the kernel does (``requant.install``; left out
+      of the converted graph, and not saved with the model).
+
+    The flatbuffer is the same either way.
     """
+    from edgeqat import requant
     from edgeqat.convert import snap_biases
 
     snap_biases(qat_model)
+    requant.install(qat_model, mode)
     return qat_model
 
 

@@ -103,7 +103,8 @@ def choose(cfg: PipelineConfig, data, trained) -> AutoResult:
                                                 sample_x=data.x_calib[:256])
         tuned = qat.fine_tune(qat_model, data, cfg.qat, teacher=trained.model, seed=cfg.seed,
                               float_learning_rate=cfg.model.learning_rate)
-        model = convert.to_tflite(tuned.model, "int8", qat=True, calibration=data.x_calib)
+        model = convert.to_tflite(annotate.prepare_for_export(tuned.model, "int8"), "int8",
+                                  qat=True, calibration=data.x_calib)
         inspect.require_full_integer(model, "qat_int8.tflite")
         record("qat_int8", f"QAT int8, {cfg.qat.epochs} epoch(s)", model,
                time.perf_counter() - start)

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from edgeqat import requant
 from edgeqat.keras import keras, quiet_stderr, tf, tfmot
 
 # The MLIR quantizer prints its settings to stderr on every conversion.
@@ -44,15 +45,27 @@ def _wrapper_classes():
     return tfmot.quantization.keras.QuantizeWrapperV2, QuantizeLayer
 
 
-def _input_scale(layer):
-    """The step of the quantizer that produced ``layer``'s (first) input, or None.
+def _node_in(model, layer):
+    """``layer``'s call in ``model``'s graph. Unwrapped pass-through layers (pooling,
+    reshape) are shared by the float, canonical and QAT graphs, so their first call
+    belongs to another model."""
+    nodes = getattr(model, "_network_nodes", None)
+    for i, node in enumerate(layer._inbound_nodes):
+        if nodes is None or f"{layer.name}_ib-{i}" in nodes:
+            return node
+    return None
+
+
+def _input_scale(layer, model):
+    """The step of the quantizer that produced ``layer``'s (first) input in ``model``, or
+    None.
 
     Walks back through unwrapped pass-through layers (pooling, reshape), which keep
     their input's scale in TFLite.
     """
     wrapper_cls, quantize_layer_cls = _wrapper_classes()
-    node = layer._inbound_nodes[0]
-    while True:
+    node = _node_in(model, layer)
+    while node is not None:
         producers = tf.nest.flatten(node.inbound_layers)
         if len(producers) != 1:
             return None
@@ -63,9 +76,10 @@ def _input_scale(layer):
             if not getattr(prod, "_output_quantizers", None):
                 return None
             return prod._output_quantizers[0].scale(prod._output_quantizer_vars)
-        if isinstance(prod, keras.layers.InputLayer) or not prod._inbound_nodes:
+        if isinstance(prod, keras.layers.InputLayer):
             return None
-        node = prod._inbound_nodes[0]
+        node = _node_in(model, prod)
+    return None
 
 
 def snap_biases(qat_model: keras.Model) -> float:
@@ -94,7 +108,7 @@ def snap_biases(qat_model: keras.Model) -> float:
         kernel, quantizer, qvars = layer._weight_vars[0]
         if not hasattr(quantizer, "scale"):
             continue
-        s_in = _input_scale(layer)
+        s_in = _input_scale(layer, qat_model)
         if s_in is None:
             continue
         s_w = quantizer.scale(qvars, kernel)
@@ -216,7 +230,8 @@ def to_tflite(model: keras.Model, mode: str = "int8", *,
                              f"quantizers (found {low}-bit ones): annotate with "
                              f"activation_bits=16")
         calibration = None  # the trained 16-bit ranges are used as they are
-    fn = _concrete_function(model)
+    with requant.exporting():  # the flatbuffer rounds for itself
+        fn = _concrete_function(model)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], model)
     if mode == "float":
         return run_converter(converter)

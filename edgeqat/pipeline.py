@@ -109,7 +109,8 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
         tuned = qat.fine_tune(qat_model, data, cfg.qat, teacher=trained.model, seed=cfg.seed,
                               float_learning_rate=cfg.model.learning_rate)
     with stage("convert"):
-        qat_tflite = convert.to_tflite(annotate.prepare_for_export(tuned.model),
+        qat_tflite = convert.to_tflite(annotate.prepare_for_export(tuned.model,
+                                                                   cfg.convert.mode),
                                        cfg.convert.mode, qat=True,
                                        calibration=data.x_calib)
         ops = inspect.require_full_integer(qat_tflite, f"qat_{cfg.convert.mode}.tflite")

@@ -63,21 +63,6 @@ def run_tflite(flat: bytes, x: np.ndarray) -> np.ndarray:
     return np.concatenate(ys), s_out
 
 
-# Both misses are TFLite kernel rounding, reproduced exactly offline (docs/int4.md):
-# everything before the kernel's output rounding is bit-identical to Keras.
-INT4_ROUNDING = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "top-1 0.9889 (4 of 360 flip), within-2-steps 1.000: the int4 CONV_2D/"
-    "DEPTHWISE_CONV_2D (v7) kernels round an output up when its exact value's fraction "
-    "lies in [0.5 - 2^floor(log2 M), 0.5), M = s_in*s_w/s_out; LSQ's coarse 4-bit steps "
-    "make M ~ 0.06, so ~5% of outputs move one step and near-tied logits flip"))
-# Not strict: within-2-steps varied from 0.914 to 0.981 between processes (top-1 1.000).
-INT16_ROUNDING = pytest.mark.xfail(strict=False, raises=AssertionError, reason=(
-    "converts and runs (int64 biases, convert.widen_int16_biases); top-1 1.000 but "
-    "within-2-steps 0.91-0.98, at most 4 steps of the 16-bit output step (1/64 of an int8 "
-    "step): the 16x8 kernels requantize with a 15-bit multiplier "
-    "(MultiplyByQuantizedMultiplier(int64)); that model reproduces every CONV_2D output, "
-    "and snapping the weight scales so each multiplier has 15 bits lifted 0.914 to 0.978 "
-    "(not shipped: ADD and MEAN rescale inexactly too)"))
 CASES = [  # (weight quantizer, activation quantizer, weight bits, mode)
     ("per_channel", "moving_average", 8, "int8"),
     ("per_tensor", "moving_average", 8, "int8"),
@@ -87,8 +72,8 @@ CASES = [  # (weight quantizer, activation quantizer, weight bits, mode)
     ("per_channel", "percentile", 8, "int8"),
     ("per_channel", "mse", 8, "int8"),
     ("per_channel", "moving_average", 4, "int4_weights"),
-    pytest.param("lsq", "lsq", 4, "int4_weights", marks=INT4_ROUNDING),
-    pytest.param("per_channel", "moving_average", 8, "int16x8", marks=INT16_ROUNDING),
+    ("lsq", "lsq", 4, "int4_weights"),
+    ("per_channel", "moving_average", 8, "int16x8"),
 ]
 
 
@@ -104,7 +89,9 @@ def test_keras_and_tflite_agree(trained, wq, aq, bits, mode, record_property):
     qat.compile(keras.optimizers.Adam(2e-4),
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     qat.fit(x_train, y_train, epochs=1, batch_size=64, verbose=0)
-    annotate.prepare_for_export(qat)  # biases onto TFLite's int32 grid (in place)
+    # In place: biases onto TFLite's int32 grid, and where the mode's kernels round
+    # differently from float math (int4 weights, 16x8), Keras rounds as they do.
+    annotate.prepare_for_export(qat, mode)
     flat = convert.to_tflite(qat, mode, calibration=x_train[:32], qat=True)
     y_lite, step = run_tflite(flat, x_test)
     y_keras = qat.predict(x_test, verbose=0)

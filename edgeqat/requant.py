@@ -1,0 +1,190 @@
+"""Kernel-exact inference: the Keras QAT model rounds where the TFLite kernels round.
+
+A QAT model computes a convolution in float and rounds its output once, ``round(acc * M)``
+with ``M = s_in * s_w / s_out``. TFLite's integer kernels requantize in integer arithmetic,
+and two of them do not round once (measured, docs/int4.md and docs/int16x8.md):
+
+* ``int4_weights``: the int4 ``CONV_2D``/``DEPTHWISE_CONV_2D`` (v7) and ``FULLY_CONNECTED``
+  kernels (not delegated to XNNPACK) multiply by a 31-bit multiplier and round, then
+  shift right and round again. Two roundings: an output whose exact fraction lies in
+  ``[0.5 - 2^-(shift+1), 0.5)`` goes up one step. 4-bit weight steps make ``M`` large,
+  so ~5% of outputs move.
+* ``int16x8``: the 16-bit kernels multiply by the multiplier cut to 15 bits
+  (``MultiplyByQuantizedMultiplier(int64_t, ...)``), so each output is scaled by a
+  multiplier off by up to 2^-16 relative: up to half a step at the top of the int16 range.
+
+In ``int8`` mode XNNPACK requantizes with one rounding, which the float graph already
+matches (Keras and TFLite agree on every output), so nothing is installed.
+
+``install(model, mode)`` puts, on the output quantizer that receives each affected layer's
+result (its own, or that of the ReLU TFLite fuses into it), a step that rounds as the
+kernel does; the output quantizer then sees an on-grid value and leaves it. The step runs
+only in inference mode and never while ``edgeqat.convert`` traces the model
+(``exporting()``), so training and the flatbuffer are unchanged. It is not saved with the
+model: call ``annotate.prepare_for_export(model, mode)`` again after loading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+
+from edgeqat.keras import keras, tf
+
+_state = threading.local()
+
+# inner layer class -> TFLite op the kernel rule is measured for
+_KERNEL_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+_FUSED = (keras.layers.ReLU,)
+
+
+@contextlib.contextmanager
+def exporting():
+    """While active, installed kernel rounding is left out of traced graphs."""
+    prev = getattr(_state, "exporting", False)
+    _state.exporting = True
+    try:
+        yield
+    finally:
+        _state.exporting = prev
+
+
+def quantize_multiplier(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """TFLite's ``QuantizeMultiplier``: ``m = q * 2^shift`` with ``q`` a Q31 int in
+    [2^30, 2^31). Elementwise; ``m`` > 0."""
+    frac, shift = np.frexp(np.asarray(m, np.float64))
+    q = np.round(frac * 2.0**31).astype(np.int64)
+    top = q == 2**31
+    q = np.where(top, q // 2, q)
+    shift = np.where(top, shift + 1, shift).astype(np.int64)
+    tiny = shift < -31
+    return np.where(tiny, 0, q), np.where(tiny, 0, shift)
+
+
+def _f32(x) -> np.ndarray:
+    """The float32 value TFLite stores, widened back (its kernels compute M in double)."""
+    return np.asarray(x, np.float32).astype(np.float64)
+
+
+def double_rounding(acc, q, shift):
+    """The int4 kernels' requantization, in exact int64 ops: ``acc * q`` rounded half up
+    to a Q31 integer, then shifted right by ``-shift`` rounding half up again
+    (``floor((floor((acc*q + 2^30) / 2^31) + 2^(r-1)) / 2^r)``). Measured: reproduces
+    every output of the int4 ``CONV_2D``/``DEPTHWISE_CONV_2D`` kernels, both signs."""
+    left = np.maximum(shift, 0)
+    right = np.maximum(-shift, 0)
+    ab = acc * tf.constant(2**left, tf.int64) * tf.constant(q, tf.int64)
+    high = tf.math.floordiv(ab + 2**30, tf.constant(2**31, tf.int64))
+    p = 2**right
+    return tf.math.floordiv(high + tf.constant(p // 2, tf.int64), tf.constant(p, tf.int64))
+
+
+def multiplier_15bit(acc, q, shift):
+    """``MultiplyByQuantizedMultiplier(int64 acc, q, shift)`` of the 16x8 kernels: the
+    multiplier rounded to 15 bits, one rounding (half up). ``acc`` is float64 here: a
+    float32 convolution cannot give a 16x8 accumulator exactly."""
+    reduced = np.where(q < 0x7FFF0000, (q + 2**15) >> 16, 0x7FFF).astype(np.float64)
+    return tf.floor(acc * tf.constant(reduced * 2.0 ** (shift - 15)) + 0.5)
+
+
+RULES = {"double_rounding": double_rounding, "multiplier_15bit": multiplier_15bit}
+
+
+class KernelRounding:
+    """An output quantizer that first rounds its input as a TFLite kernel does.
+
+    ``grid`` is the accumulator step ``s_in * s_w`` (per output channel or scalar),
+    ``scale`` the output step; everything else goes to the wrapped quantizer.
+    """
+
+    def __init__(self, quantizer, rule: str, grid, scale, layer_name: str):
+        self.quantizer = quantizer
+        self.rule = rule
+        self.layer_name = layer_name
+        self.grid = np.asarray(grid, np.float64)
+        self.out_scale = float(scale)
+        m = self.grid / _f32(scale)  # TFLite: double(s_in) * double(s_w) / double(s_out)
+        self.q, self.shift = quantize_multiplier(m)
+
+    def __getattr__(self, name):  # num_bits, scale(), get_config(), ...
+        return getattr(self.__dict__["quantizer"], name)
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        if not training and not getattr(_state, "exporting", False):
+            acc = tf.cast(inputs, tf.float64) / tf.constant(self.grid)
+            if self.rule == "double_rounding":
+                acc = tf.cast(tf.round(acc), tf.int64)  # exact: Keras adds on-grid values
+            out = RULES[self.rule](acc, self.q, self.shift)
+            inputs = tf.cast(tf.cast(out, tf.float64) * self.out_scale, inputs.dtype)
+        return self.quantizer(inputs, training, weights, **kwargs)
+
+
+def _wrapper_classes():
+    from edgeqat.convert import _wrapper_classes
+
+    return _wrapper_classes()
+
+
+def _output_site(wrapper):
+    """The wrapper whose output quantizer receives ``wrapper``'s result in TFLite: its
+    own, or that of a lone ReLU consumer (fused into the kernel)."""
+    wrapper_cls, _ = _wrapper_classes()
+    if getattr(wrapper, "_output_quantizers", None):
+        return wrapper
+    consumers = [n.outbound_layer for n in wrapper._outbound_nodes]
+    if len(consumers) == 1 and isinstance(consumers[0], wrapper_cls) \
+            and isinstance(consumers[0].layer, _FUSED) and consumers[0]._output_quantizers:
+        return consumers[0]
+    return None
+
+
+def _rule(mode: str, weight_bits: int) -> str | None:
+    if mode == "int4_weights" and weight_bits <= 4:
+        return "double_rounding"
+    if mode == "int16x8":
+        return "multiplier_15bit"
+    return None
+
+
+def remove(model: keras.Model) -> None:
+    """Takes installed kernel rounding off ``model`` (in place)."""
+    wrapper_cls, _ = _wrapper_classes()
+    for layer in model.layers:
+        if isinstance(layer, wrapper_cls) and getattr(layer, "_output_quantizers", None):
+            layer._output_quantizers = [q.quantizer if isinstance(q, KernelRounding) else q
+                                        for q in layer._output_quantizers]
+    model.predict_function = None  # a cached predict graph would keep the old rounding
+
+
+def install(model: keras.Model, mode: str) -> list[str]:
+    """Makes ``model``'s inference rounding that of ``mode``'s TFLite kernels (in place).
+
+    Returns:
+      The names of the layers whose output rounding now follows the kernel.
+    """
+    from edgeqat.convert import _input_scale
+
+    remove(model)
+    wrapper_cls, _ = _wrapper_classes()
+    done = []
+    for layer in model.layers:
+        if not isinstance(layer, wrapper_cls) or not isinstance(layer.layer, _KERNEL_LAYERS) \
+                or not layer._weight_vars:
+            continue
+        kernel, wq, wvars = layer._weight_vars[0]
+        rule = _rule(mode, getattr(wq, "num_bits", 8))
+        site = _output_site(layer) if rule else None
+        s_in = _input_scale(layer, model) if site is not None else None
+        if s_in is None or not hasattr(wq, "scale"):
+            continue
+        oq = site._output_quantizers[0]
+        s_w = np.asarray(wq.scale(wvars, kernel), np.float64).reshape(-1)
+        grid = _f32(s_in) * _f32(s_w)
+        s_out = oq.scale(site._output_quantizer_vars)
+        site._output_quantizers = [KernelRounding(oq, rule, grid if grid.size > 1 else grid[0],
+                                                  s_out, layer.name)]
+        done.append(layer.name)
+    model.predict_function = None
+    return done

@@ -1,0 +1,82 @@
+"""Kernel-exact rounding (edgeqat.requant): golden integer cases, and on a real model the
+Keras outputs equal the LiteRT int4 kernels' bit for bit while the flatbuffer is unchanged."""
+
+import numpy as np
+import pytest
+
+from edgeqat import annotate, convert, policy, requant
+from edgeqat.keras import keras, tf
+
+L = keras.layers
+
+
+def test_quantize_multiplier_matches_tflite():
+    q, shift = requant.quantize_multiplier(np.array([0.5, 0.0816610014155542, 1.0, 0.75]))
+    # 0.0816.. -> (1402925322, -3) was read from LiteRT's int4 CONV_2D of test_fidelity
+    assert q.tolist() == [2**30, 1402925322, 2**30, 3 * 2**29]
+    assert shift.tolist() == [0, -3, 1, 0]
+
+
+def test_double_rounding_golden():
+    # M = 0.75 * 2^-2 = 0.1875: exact values -0.5625, -0.375, 0.375, 0.5625, 0.75.
+    # The Q31 product rounds half up (1.5 -> 2), then the shift rounds half up again, so
+    # a fraction in [0.375, 0.5) goes up: 0.375 -> 1 and -0.5625 -> 0 (one rounding: 0, -1).
+    acc = tf.constant([-3, -2, 2, 3, 4], tf.int64)
+    out = requant.double_rounding(acc, np.int64(3 * 2**29), np.int64(-2))
+    assert out.numpy().tolist() == [0, 0, 1, 1, 1]
+    single = np.floor(np.array([-3, -2, 2, 3, 4]) * 0.1875 + 0.5)
+    assert single.tolist() == [-1, 0, 0, 1, 1]
+
+
+def test_multiplier_15bit_golden():
+    # M = 1/3 (Q31 0x55555555, shift -1); the 16x8 kernels keep 15 bits of it (0x5555),
+    # so 196608 * M gives 65535, not 65536, and 3 gives 1 (0.99998 + 0.5 floors to 1).
+    out = requant.multiplier_15bit(tf.constant([196608.0, 3.0], tf.float64),
+                                   np.int64(0x55555555), np.int64(-1))
+    assert out.numpy().tolist() == [65535.0, 1.0]
+
+
+def _small_model():
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((8, 8, 2))
+    h = L.Conv2D(8, 3, padding="same", activation="relu")(inp)
+    h = L.Conv2D(8, 1)(h)  # signed output: both rounding directions
+    h = L.GlobalAveragePooling2D()(h)
+    return keras.Model(inp, L.Dense(4)(h))
+
+
+def _run_lite(flat, x):
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=flat)
+    it.allocate_tensors()
+    i, o = it.get_input_details()[0], it.get_output_details()[0]
+    (s_in, z_in), (s_out, z_out) = i["quantization"], o["quantization"]
+    ys = []
+    for row in x:
+        it.set_tensor(i["index"], np.clip(np.round(row[None] / s_in + z_in), -128, 127)
+                      .astype(np.int8))
+        it.invoke()
+        ys.append((it.get_tensor(o["index"]).astype(np.float64) - z_out) * s_out)
+    return np.concatenate(ys), s_out
+
+
+@pytest.mark.slow
+def test_int4_keras_equals_litert_and_flatbuffer_unchanged():
+    x = np.random.default_rng(0).normal(size=(64, 8, 8, 2)).astype(np.float32)
+    pol = policy.uniform(weight_bits=4, weight_quantizer="per_channel")
+    qat = annotate.annotate_model(_small_model(), pol, sample_x=x)
+    qat(x, training=True)  # ranges from data
+    annotate.prepare_for_export(qat, "int8")
+    assert requant.install(qat, "int8") == []  # XNNPACK rounds once: nothing to emulate
+    plain = qat.predict(x, verbose=0)
+    flat = convert.to_tflite(qat, "int4_weights", qat=True)
+    done = requant.install(qat, "int4_weights")
+    assert len(done) == 3  # both convolutions and the dense layer
+    y_lite, step = _run_lite(flat, x)
+    exact = qat.predict(x, verbose=0)
+    assert np.max(np.abs(exact - y_lite)) / step < 1e-3  # bit-exact
+    assert np.max(np.abs(plain - y_lite)) / step >= 1  # without it, some outputs differ
+    assert convert.to_tflite(qat, "int4_weights", qat=True) == flat
+    requant.remove(qat)
+    np.testing.assert_array_equal(qat.predict(x, verbose=0), plain)
