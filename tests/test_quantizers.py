@@ -98,6 +98,35 @@ def test_lsq_initialises_from_data():
     assert w["seen"].numpy() == 1.0
 
 
+def test_lsq_weight_init_minimises_rounding_error():
+    # 4-bit narrow weights, Qp = 7. Channel 0 is Gaussian: the error-minimising step is
+    # below max/Qp (the tails are clipped) and well below the paper's 2 mean|x| / sqrt(Qp).
+    # Channel 1 is a ramp on a 1/7 grid: max/Qp is exact (error 0), so the search keeps it.
+    ch0 = np.random.default_rng(0).normal(size=256)
+    ch1 = np.linspace(-1.0, 1.0, 15).repeat(18)[:256]
+    x = np.stack([ch0, ch1], axis=1).astype(np.float32)  # [256, 2]: channels on axis -1
+    quant = q.LsqQuantizer(4, per_channel=True, narrow_range=True)
+    assert quant.init == "mse" and q.LsqQuantizer(4).init == "paper"
+    _, w = run(quant, x, training=True)
+    step = w["step"].numpy()
+
+    def err(s, col):
+        return np.sum((np.clip(np.round(col / s), -7, 7) * s - col) ** 2)
+
+    top, paper = np.abs(ch0).max() / 7, 2 * np.abs(ch0).mean() / math.sqrt(7)
+    brute = min(np.linspace(0.3, 1.0, 701) * top, key=lambda s: err(s, ch0))
+    assert step[0] < top and step[0] < 0.7 * paper
+    assert err(step[0], ch0) <= 1.01 * err(brute, ch0)
+    assert err(step[0], ch0) < 0.8 * min(err(top, ch0), err(paper, ch0))
+    np.testing.assert_allclose(step[1], 1.0 / 7, rtol=1e-6)
+    _, wp = run(q.LsqQuantizer(4, per_channel=True, narrow_range=True, init="paper"), x,
+                training=True)
+    np.testing.assert_allclose(wp["step"].numpy(), 2 * np.abs(x).mean(0) / math.sqrt(7),
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="init"):
+        q.LsqQuantizer(4, init="max")
+
+
 def grads(quantizer, x, state, param):
     host = keras.layers.Layer()
     x = tf.Variable(np.asarray(x, np.float32))
