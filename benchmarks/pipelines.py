@@ -1,6 +1,6 @@
 """Runs the shipped pipelines end to end and writes the results table the README quotes.
 
-    python benchmarks/pipelines.py [--pipelines digits_dscnn,mnist1d_cnn,digits_dscnn_int16x8]
+    python benchmarks/pipelines.py [--pipelines digits_dscnn,mnist1d_cnn,digits_dscnn_int16x8,mnist1d_lsq_int4]
 
 Writes benchmarks/results/pipelines.md and .json: float / PTQ / QAT accuracy on the same
 evaluation set, sizes, Keras-vs-TFLite agreement, and int8/float latency as a ratio
@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from edgeqat import report  # noqa: E402
 from edgeqat.pipeline import resolve_configs, run  # noqa: E402
 
-flags.DEFINE_list("pipelines", ["digits_dscnn", "mnist1d_cnn", "digits_dscnn_int16x8"],
+flags.DEFINE_list("pipelines", ["digits_dscnn", "mnist1d_cnn", "digits_dscnn_int16x8",
+                                "mnist1d_lsq_int4"],
                   "Pipelines to run.")
 flags.DEFINE_string("device", "local_cpu", "Device profile.")
 flags.DEFINE_string("out", str(Path(__file__).parent / "results" / "pipelines"),
