@@ -1,6 +1,6 @@
 """Runs the shipped pipelines end to end and writes the results table the README quotes.
 
-    python benchmarks/pipelines.py [--pipelines digits_dscnn,mnist1d_cnn,digits_dscnn_int16x8,mnist1d_lsq_int4]
+    python benchmarks/pipelines.py [--pipelines NAME,...]  (default: all four in pipelines/)
 
 Writes benchmarks/results/pipelines.md and .json: float / PTQ / QAT accuracy on the same
 evaluation set, sizes, Keras-vs-TFLite agreement, and int8/float latency as a ratio

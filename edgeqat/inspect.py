@@ -72,9 +72,37 @@ def tensor_types(model: bytes) -> dict[str, int]:
     return counts
 
 
+def constants(model: bytes) -> list[dict]:
+    """Each constant tensor (weights, biases) as stored: name, type, shape, bytes.
+
+    Read from the flatbuffer, like ``tensor_types``: a packed int4 tensor shows as
+    ``int4`` with half a byte per value.
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    names = {v: k.lower() for v, k in schema_names(schema.TensorType).items()}
+    model_t = schema.ModelT.InitFromPackedBuf(bytearray(model), 0)
+    out = []
+    for t in model_t.subgraphs[0].tensors:
+        data = model_t.buffers[t.buffer].data if t.buffer < len(model_t.buffers) else None
+        if data is None or len(data) == 0:
+            continue
+        name = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
+        out.append({"name": name, "type": names.get(t.type, str(t.type)),
+                    "shape": [int(d) for d in (t.shape if t.shape is not None else [])],
+                    "bytes": int(len(data))})
+    return out
+
+
 def storage(model: bytes) -> dict:
-    """What the shipped file stores: its bytes and its tensors by stored type."""
-    return {"bytes": len(model), "tensor_types": tensor_types(model)}
+    """What the shipped file stores: its bytes, its tensors by stored type, and each
+    constant tensor with its stored type and bytes."""
+    consts = constants(model)
+    by_type: dict[str, int] = {}
+    for c in consts:
+        by_type[c["type"]] = by_type.get(c["type"], 0) + c["bytes"]
+    return {"bytes": len(model), "tensor_types": tensor_types(model),
+            "constant_bytes": by_type, "constants": consts}
 
 
 def float_ops(model: bytes) -> list[OpFacts]:

@@ -194,6 +194,7 @@ def to_markdown(r: dict, plots: dict[str, str] | None = None) -> str:
         "",
         f"`{ops['model']}` is {'fully integer' if ops['full_integer'] else 'NOT fully integer'}"
         f"; ops: " + ", ".join(f"{k} x{v}" for k, v in sorted(ops["counts"].items())) + ".",
+        *_storage_markdown(ops["model"], ops.get("storage")),
         "",
         f"Speed-up of `{ops['model']}` over float (median latency): "
         f"{r['int8_speedup_median']:.2f}x.",
@@ -205,6 +206,23 @@ def to_markdown(r: dict, plots: dict[str, str] | None = None) -> str:
     for name, path in (plots or {}).items():
         lines += [f"![{FIGURE_TITLES[name]}]({path})", ""]
     return "\n".join(lines)
+
+
+def _storage_markdown(model: str, st: dict | None, limit: int = 30) -> list[str]:
+    """The shipped file's stored constants: bytes per type, then each tensor's type."""
+    if not st or not st.get("constants"):
+        return []
+    per_type = ", ".join(f"{t} {b:,} B" for t, b in sorted(st["constant_bytes"].items()))
+    lines = ["", f"Stored in `{model}` ({st['bytes']:,} bytes): constants {per_type}.", "",
+             "| constant tensor | stored type | shape | bytes |", "|---|---|---|---:|"]
+    consts = sorted(st["constants"], key=lambda c: -c["bytes"])
+    for c in consts[:limit]:
+        name = c["name"].split(";")[0]
+        lines.append(f"| `{name}` | {c['type']} | {'x'.join(map(str, c['shape']))} | "
+                     f"{c['bytes']:,} |")
+    if len(consts) > limit:
+        lines.append(f"| ... {len(consts) - limit} smaller, in report.json | | | |")
+    return lines
 
 
 def _auto_markdown(a: dict | None) -> list[str]:

@@ -4,7 +4,7 @@ Keras outputs equal the LiteRT int4 kernels' bit for bit while the flatbuffer is
 import numpy as np
 import pytest
 
-from edgeqat import annotate, convert, policy, requant
+from edgeqat import annotate, convert, inspect, policy, report, requant
 from edgeqat.keras import keras, tf
 
 L = keras.layers
@@ -78,5 +78,11 @@ def test_int4_keras_equals_litert_and_flatbuffer_unchanged():
     assert np.max(np.abs(exact - y_lite)) / step < 1e-3  # bit-exact
     assert np.max(np.abs(plain - y_lite)) / step >= 1  # without it, some outputs differ
     assert convert.to_tflite(qat, "int4_weights", qat=True) == flat
+    # The weights are stored packed: 4 bits a value (the report lists each constant).
+    kernels = [c for c in inspect.storage(flat)["constants"] if c["type"] == "int4"]
+    assert sorted(c["bytes"] for c in kernels) == [16, 32, 72]  # 8x4, 8x1x1x8, 8x3x3x2
+    assert all(c["bytes"] * 2 == np.prod(c["shape"]) for c in kernels)
+    md = "\n".join(report._storage_markdown("m.tflite", inspect.storage(flat)))
+    assert "| int4 |" in md and "int32" in md
     requant.remove(qat)
     np.testing.assert_array_equal(qat.predict(x, verbose=0), plain)
