@@ -56,9 +56,11 @@ def scope():
     return tfmot.quantization.keras.quantize_scope(custom_objects())
 
 
-def prepare_for_export(qat_model: keras.Model, mode: str = "int8") -> keras.Model:
+def prepare_for_export(qat_model: keras.Model, mode: str = "int8",
+                       arch: str | None = None) -> keras.Model:
     """Returns the model to hand to the converter for ``mode``: ``qat_model``, made to
-    compute what the ``mode`` flatbuffer computes (in place).
+    compute what the ``mode`` flatbuffer computes on ``arch`` (default: this machine's
+    CPU), in place.
 
     No swap is needed: every edgeqat quantizer's inference-mode graph (the one the
     converter traces with ``training=False``) is a bare FakeQuantWithMinMaxVars[PerChannel]
@@ -76,7 +78,7 @@ def prepare_for_export(qat_model: keras.Model, mode: str = "int8") -> keras.Mode
     from edgeqat.convert import snap_biases
 
     snap_biases(qat_model)
-    requant.install(qat_model, mode)
+    requant.install(qat_model, mode, arch)
     return qat_model
 
 

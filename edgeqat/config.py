@@ -235,6 +235,10 @@ class DeviceConfig:
     name: str = "local_cpu"
     description: str = ""
     hardware: str = ""  # free text for reports, e.g. "Raspberry Pi 4 Model B, 4 GB"
+    # The CPU the runtime runs on ("aarch64", "x86_64"): the int4 kernels round
+    # differently on each, and the Keras reference follows it (edgeqat.requant). Empty:
+    # this machine's for a local device, aarch64 under qemu.
+    arch: str = ""
     runtime: str = choice(
         "ai_edge_litert", ("auto", "ai_edge_litert", "tflite_runtime", "tensorflow"))
     delegate: str = choice("xnnpack", ("xnnpack", "edgetpu", "gpu", "none"))

@@ -80,7 +80,7 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
     from edgeqat.data import load_dataset
     from edgeqat.edgetpu import edgetpu_report
     from edgeqat.keras import keras, tf
-    from edgeqat.validate import validate_on
+    from edgeqat.validate import target_arch, validate_on
 
     stage = _Stages()
     keras.utils.set_random_seed(cfg.seed)
@@ -128,8 +128,10 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
             diag.append(diagnostics.direct_layer_errors(qat_tflite, tuned.model, x_diag,
                                                         f"qat_{mode}"))
     with stage("validate"):
-        # The exported model (biases snapped, kernel rounding): what ships, so the
-        # report's Keras QAT accuracy and the agreement come from the same logits.
+        # The exported model (biases snapped, kernel rounding of the device's CPU, which
+        # the diagnostics above took from this machine): what ships, so the report's
+        # Keras QAT accuracy and the agreement come from the same logits.
+        annotate.prepare_for_export(tuned.model, mode, target_arch(device))
         qat_logits = tuned.model.predict(data.x_test, batch_size=256, verbose=0)
         tuned = dataclasses.replace(tuned, accuracy=float(
             (qat_logits.argmax(-1) == data.y_test).mean()))

@@ -2,31 +2,32 @@
 
 A QAT model computes a convolution in float and rounds its output once, ``round(acc * M)``
 with ``M = s_in * s_w / s_out``. TFLite's integer kernels requantize in integer arithmetic,
-and two of them do not round once (measured, docs/int4.md and docs/int16x8.md):
+and some do not round once. Measured with LiteRT 2.3 (docs/int4.md, docs/int16x8.md),
+single-layer models run on this x86_64 machine and on an emulated Cortex-A72 (aarch64):
 
-* ``int4_weights``: the int4 ``CONV_2D``/``DEPTHWISE_CONV_2D`` (v7) and ``FULLY_CONNECTED``
-  kernels (not delegated to XNNPACK) multiply by a 31-bit multiplier and round, then
-  shift right and round again. Two roundings: an output whose exact fraction lies in
-  ``[0.5 - 2^-(shift+1), 0.5)`` goes up one step. 4-bit weight steps make ``M`` large,
-  so ~5% of outputs move.
-* ``int16x8``: the 16-bit kernels multiply by the multiplier cut to 15 bits
-  (``MultiplyByQuantizedMultiplier(int64_t, ...)``), so each output is scaled by a
-  multiplier off by up to 2^-16 relative: up to half a step at the top of the int16 range.
+* ``int4_weights`` on x86_64: the int4 ``CONV_2D``/``DEPTHWISE_CONV_2D`` (v7) kernels
+  (not delegated to XNNPACK) multiply by a 31-bit multiplier and round, then shift right
+  and round again. An output whose exact fraction lies in ``[0.5 - 2^-(shift+1), 0.5)``
+  goes up one step; 4-bit weight steps make ``M`` large, so ~5% of outputs move.
+  On aarch64 the same kernels round once, as the float graph does, but in integers:
+  installed too, so near-ties round as on the device.
+* ``int16x8``, both: the 16-bit kernels multiply by the multiplier cut to 15 bits
+  (``MultiplyByQuantizedMultiplier(int64_t, ...)``), off by up to 2^-16 relative: up to
+  half a step at the top of the int16 range.
+* ``int8``: XNNPACK requantizes with one rounding on both; nothing to install.
 
-In ``int8`` mode XNNPACK requantizes with one rounding, which the float graph already
-matches (Keras and TFLite agree on every output), so nothing is installed.
-
-``install(model, mode)`` puts, on the output quantizer that receives each affected layer's
-result (its own, or that of the ReLU TFLite fuses into it), a step that rounds as the
-kernel does; the output quantizer then sees an on-grid value and leaves it. The step runs
-only in inference mode and never while ``edgeqat.convert`` traces the model
-(``exporting()``), so training and the flatbuffer are unchanged. It is not saved with the
-model: call ``annotate.prepare_for_export(model, mode)`` again after loading.
+``install(model, mode, arch)`` puts, on the output quantizer that receives each affected
+layer's result (its own, or that of the ReLU TFLite fuses into it), a step that rounds as
+the kernel on ``arch`` does; the output quantizer then sees an on-grid value and leaves
+it. The step runs only in inference mode and never while ``edgeqat.convert`` traces the
+model (``exporting()``), so training and the flatbuffer are unchanged. It is not saved
+with the model: call ``annotate.prepare_for_export(model, mode)`` again after loading.
 """
 
 from __future__ import annotations
 
 import contextlib
+import platform
 import threading
 
 import numpy as np
@@ -81,6 +82,16 @@ def double_rounding(acc, q, shift):
     return tf.math.floordiv(high + tf.constant(p // 2, tf.int64), tf.constant(p, tf.int64))
 
 
+def single_rounding(acc, q, shift):
+    """One rounding, half up, with the Q31 multiplier: ``floor((acc*q + 2^(t-1)) / 2^t)``,
+    ``t = 31 - shift`` (TFLite's single-rounding ``MultiplyByQuantizedMultiplier``).
+    Measured: the int4 kernels on aarch64. The float graph rounds the same way but in
+    float32, so an exact value within ~1e-6 of a half step can land on the other side."""
+    total = 31 - np.asarray(shift, np.int64)
+    num = acc * tf.constant(q, tf.int64) + tf.constant(2 ** (total - 1), tf.int64)
+    return tf.math.floordiv(num, tf.constant(2**total, tf.int64))
+
+
 def multiplier_15bit(acc, q, shift):
     """``MultiplyByQuantizedMultiplier(int64 acc, q, shift)`` of the 16x8 kernels: the
     multiplier rounded to 15 bits, one rounding (half up). ``acc`` is float64 here: a
@@ -89,7 +100,8 @@ def multiplier_15bit(acc, q, shift):
     return tf.floor(acc * tf.constant(reduced * 2.0 ** (shift - 15)) + 0.5)
 
 
-RULES = {"double_rounding": double_rounding, "multiplier_15bit": multiplier_15bit}
+RULES = {"double_rounding": double_rounding, "single_rounding": single_rounding,
+         "multiplier_15bit": multiplier_15bit}
 
 
 class KernelRounding:
@@ -114,7 +126,7 @@ class KernelRounding:
     def __call__(self, inputs, training, weights, **kwargs):
         if not training and not getattr(_state, "exporting", False):
             acc = tf.cast(inputs, tf.float64) / tf.constant(self.grid)
-            if self.rule == "double_rounding":
+            if self.rule != "multiplier_15bit":
                 acc = tf.cast(tf.round(acc), tf.int64)  # exact: Keras adds on-grid values
             out = RULES[self.rule](acc, self.q, self.shift)
             inputs = tf.cast(tf.cast(out, tf.float64) * self.out_scale, inputs.dtype)
@@ -140,9 +152,27 @@ def _output_site(wrapper):
     return None
 
 
-def _rule(mode: str, weight_bits: int) -> str | None:
+_ARCH_NAMES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
+
+
+def normalize_arch(machine: str) -> str:
+    """``platform.machine()`` spellings to one name: ``x86_64``, ``aarch64``, ..."""
+    m = machine.strip().lower()
+    return _ARCH_NAMES.get(m, m)
+
+
+def host_arch() -> str:
+    return normalize_arch(platform.machine())
+
+
+def rule_for(mode: str, weight_bits: int, arch: str) -> str | None:
+    """The kernel rounding of a ``weight_bits`` layer in ``mode`` on ``arch`` (None: the
+    float graph's). Only what was measured: int4 rounds twice on x86_64 and once on
+    aarch64 (emulated exactly in integers rather than left to float32); 16x8 uses a
+    15-bit multiplier on both."""
+    arch = normalize_arch(arch)
     if mode == "int4_weights" and weight_bits <= 4:
-        return "double_rounding"
+        return {"x86_64": "double_rounding", "aarch64": "single_rounding"}.get(arch)
     if mode == "int16x8":
         return "multiplier_15bit"
     return None
@@ -158,8 +188,9 @@ def remove(model: keras.Model) -> None:
     model.predict_function = None  # a cached predict graph would keep the old rounding
 
 
-def install(model: keras.Model, mode: str) -> list[str]:
-    """Makes ``model``'s inference rounding that of ``mode``'s TFLite kernels (in place).
+def install(model: keras.Model, mode: str, arch: str | None = None) -> list[str]:
+    """Makes ``model``'s inference rounding that of ``mode``'s TFLite kernels on ``arch``
+    (default: this machine's), in place. Replaces what an earlier call installed.
 
     Returns:
       The names of the layers whose output rounding now follows the kernel.
@@ -167,6 +198,7 @@ def install(model: keras.Model, mode: str) -> list[str]:
     from edgeqat.convert import _input_scale
 
     remove(model)
+    arch = arch or host_arch()
     wrapper_cls, _ = _wrapper_classes()
     done = []
     for layer in model.layers:
@@ -174,7 +206,7 @@ def install(model: keras.Model, mode: str) -> list[str]:
                 or not layer._weight_vars:
             continue
         kernel, wq, wvars = layer._weight_vars[0]
-        rule = _rule(mode, getattr(wq, "num_bits", 8))
+        rule = rule_for(mode, getattr(wq, "num_bits", 8), arch)
         site = _output_site(layer) if rule else None
         s_in = _input_scale(layer, model) if site is not None else None
         if s_in is None or not hasattr(wq, "scale"):

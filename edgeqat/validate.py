@@ -49,6 +49,16 @@ class ValidationResult:
     device_vs_host: dict[str, OutputComparison] = field(default_factory=dict)
 
 
+def target_arch(device: DeviceConfig) -> str:
+    """The CPU architecture ``device`` runs models on: its profile's ``arch``, else this
+    machine's for a local device and aarch64 under qemu (the only emulation shipped)."""
+    from edgeqat.requant import host_arch, normalize_arch
+
+    if device.arch:
+        return normalize_arch(device.arch)
+    return "aarch64" if device.connection.kind == "qemu" else host_arch()
+
+
 def agreement(reference: np.ndarray, outputs: np.ndarray, scale: float) -> Agreement:
     """Compares Keras logits with (dequantized) TFLite outputs of the same samples."""
     reference = reference.reshape(outputs.shape)
