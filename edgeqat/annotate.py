@@ -313,6 +313,16 @@ def canonicalize(flat: keras.Model, origin: dict, wants_per_channel) -> tuple[ke
             return users[0]
         return None
 
+    def relu_consumer(layer, node, bn):
+        """The lone ReLU that reads this layer's (or its folded BN's) output, if any."""
+        src = bn._inbound_nodes[0] if bn is not None else node
+        outs = tf.nest.flatten(src.outputs)
+        users = consumers.get(id(outs[0]), [])
+        if len(outs) == 1 and len(users) == 1 and isinstance(users[0], L.ReLU | L.Activation) \
+                and qc.relu_bound(users[0]) is not None and len(users[0]._inbound_nodes) == 1:
+            return users[0]
+        return None
+
     def activation_after(x, act, base, src):
         """Applies activation ``act`` as separate layers (swish as sigmoid * x)."""
         if act in ("linear", None):
@@ -327,7 +337,7 @@ def canonicalize(flat: keras.Model, origin: dict, wants_per_channel) -> tuple[ke
     def visit(node, args, kwargs):
         layer = node.layer
         x = args[0] if args else None
-        if isinstance(layer, L.BatchNormalization) and id(layer) in folded:
+        if id(layer) in folded:  # a BN folded into the layer before, or a ReLU moved
             return x
         bn = fold_target(layer, node)
         weights = _fold_weights(layer, bn) if bn is not None else layer.get_weights()
@@ -358,8 +368,15 @@ def canonicalize(flat: keras.Model, origin: dict, wants_per_channel) -> tuple[ke
             else:
                 h = _separable(h, layer, weights, (1, k), (1, s), padding, (1, d),
                                bn is not None, names, derive)
-            h = derive(L.Reshape((-1, layer.filters), name=names(name + "_to1d")), name)(h)
-            return activation_after(h, act, name, name)
+            # The activation goes before the reshape back (ReLU commutes with it), and so
+            # does a ReLU layer that follows: next to the convolution TFLite fuses it (one
+            # CONV_2D, no separately quantized pre-activation output, no RELU op).
+            h = activation_after(h, act, name, name)
+            relu = relu_consumer(layer, node, bn) if act in ("linear", None) else None
+            if relu is not None:
+                h = derive(_clone(relu, names(relu.name)), relu.name)(h)
+                folded.add(id(relu))
+            return derive(L.Reshape((-1, layer.filters), name=names(name + "_to1d")), name)(h)
 
         if isinstance(layer, L.SeparableConv2D):
             h = _separable(x, layer, weights, layer.kernel_size, layer.strides, layer.padding,

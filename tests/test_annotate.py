@@ -128,3 +128,19 @@ def test_saved_qat_model_reloads_with_identical_outputs(tmp_path, suffix):
     with annotate.scope():
         again = keras.models.load_model(path)
     np.testing.assert_array_equal(qat.predict(x, verbose=0), again.predict(x, verbose=0))
+
+
+@pytest.mark.slow
+def test_conv1d_then_relu_becomes_one_fused_conv():
+    """Conv1D -> ReLU: the ReLU moves before the reshape back to 1-D, so TFLite fuses it
+    into the CONV_2D (was: a separately quantized conv output, then a RELU op)."""
+    from edgeqat import convert, inspect, models
+
+    x = np.random.default_rng(0).normal(size=(64, 40, 1)).astype(np.float32)
+    qat = annotate.annotate_model(models.mnist1d_cnn((40, 1), 10), policy.uniform(),
+                                  sample_x=x)
+    relus = [w for w in qat.layers if isinstance(getattr(w, "layer", None), L.ReLU)]
+    assert [w.layer.name for w in relus] == ["conv_0_relu", "conv_1_relu", "conv_2_relu"]
+    ops = [op.name for op in inspect.list_ops(convert.to_tflite(
+        annotate.prepare_for_export(qat), "int8", qat=True, calibration=x[:8]))]
+    assert ops.count("CONV_2D") == 4 and "RELU" not in ops
