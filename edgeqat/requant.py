@@ -9,8 +9,9 @@ single-layer models run on this x86_64 machine and on an emulated Cortex-A72 (aa
   (not delegated to XNNPACK) multiply by a 31-bit multiplier and round, then shift right
   and round again. An output whose exact fraction lies in ``[0.5 - 2^-(shift+1), 0.5)``
   goes up one step; 4-bit weight steps make ``M`` large, so ~5% of outputs move.
-  On aarch64 the same kernels round once, as the float graph does, but in integers:
-  installed too, so near-ties round as on the device.
+  On aarch64 they round once (as the float graph does, but in integers, so near-ties
+  round as on the device), except where the output has one spatial position, which
+  rounds twice as on x86_64 (``rule_for``).
 * ``int16x8``, both: the 16-bit kernels multiply by the multiplier cut to 15 bits
   (``MultiplyByQuantizedMultiplier(int64_t, ...)``), off by up to 2^-16 relative: up to
   half a step at the top of the int16 range.
@@ -165,17 +166,34 @@ def host_arch() -> str:
     return normalize_arch(platform.machine())
 
 
-def rule_for(mode: str, weight_bits: int, arch: str) -> str | None:
+def rule_for(mode: str, weight_bits: int, arch: str, positions: int | None = None) -> str | None:
     """The kernel rounding of a ``weight_bits`` layer in ``mode`` on ``arch`` (None: the
-    float graph's). Only what was measured: int4 rounds twice on x86_64 and once on
-    aarch64 (emulated exactly in integers rather than left to float32); 16x8 uses a
-    15-bit multiplier on both."""
+    float graph's), for a layer with ``positions`` output positions per sample (its
+    spatial size; None: unknown, taken as several). Only what was measured (LiteRT 2.3):
+
+    * int4 on x86_64: two roundings, whatever the shape;
+    * int4 on aarch64: one rounding, except where the output has a single position (a
+      matrix-vector product: a dense layer as a 1x1 convolution, a convolution whose
+      output is 1x1), which rounds twice as on x86_64. Both emulated in int64, so
+      near-ties round as on the device;
+    * 16x8 on both: the 15-bit multiplier.
+    """
     arch = normalize_arch(arch)
     if mode == "int4_weights" and weight_bits <= 4:
-        return {"x86_64": "double_rounding", "aarch64": "single_rounding"}.get(arch)
+        if arch == "x86_64" or (arch == "aarch64" and positions == 1):
+            return "double_rounding"
+        return "single_rounding" if arch == "aarch64" else None
     if mode == "int16x8":
         return "multiplier_15bit"
     return None
+
+
+def _positions(wrapper) -> int | None:
+    """Output positions per sample: the product of the spatial output dimensions."""
+    shape = tuple(wrapper.output_shape)[1:-1]
+    if any(d is None for d in shape):
+        return None
+    return int(np.prod(shape)) if shape else 1
 
 
 def remove(model: keras.Model) -> None:
@@ -206,7 +224,7 @@ def install(model: keras.Model, mode: str, arch: str | None = None) -> list[str]
                 or not layer._weight_vars:
             continue
         kernel, wq, wvars = layer._weight_vars[0]
-        rule = rule_for(mode, getattr(wq, "num_bits", 8), arch)
+        rule = rule_for(mode, getattr(wq, "num_bits", 8), arch, _positions(layer))
         site = _output_site(layer) if rule else None
         s_in = _input_scale(layer, model) if site is not None else None
         if s_in is None or not hasattr(wq, "scale"):

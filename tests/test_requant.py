@@ -39,7 +39,9 @@ def test_multiplier_15bit_golden():
 def test_rules_per_mode_and_cpu():
     assert requant.rule_for("int4_weights", 4, "x86_64") == "double_rounding"
     assert requant.rule_for("int4_weights", 4, "AMD64") == "double_rounding"
-    assert requant.rule_for("int4_weights", 4, "arm64") == "single_rounding"
+    assert requant.rule_for("int4_weights", 4, "arm64", positions=64) == "single_rounding"
+    assert requant.rule_for("int4_weights", 4, "aarch64", positions=1) == "double_rounding"
+    assert requant.rule_for("int4_weights", 4, "aarch64") == "single_rounding"  # unknown
     assert requant.rule_for("int4_weights", 8, "x86_64") is None  # 8-bit layers: XNNPACK
     assert requant.rule_for("int4_weights", 4, "riscv64") is None  # not measured
     assert {requant.rule_for("int16x8", 8, a) for a in ("x86_64", "aarch64")} == {
