@@ -54,6 +54,28 @@ def _round_weights(model, bits: int):
     return copy
 
 
+def reading(rows: list[dict]) -> str:
+    """The table in words, from its own numbers (rerunning keeps it true)."""
+    by = {r["recipe"]: r for r in rows}
+    ptq4 = next(r for r in rows if r["recipe"].startswith("PTQ w4"))
+    plain = by["QAT plain"]
+    parts = []
+    for r in rows:
+        if not r["recipe"].startswith("QAT") or r is plain:
+            continue
+        d = 100 * (r["mean"] - plain["mean"])
+        noise = 100 * 2 * max(r["std"], plain["std"], 0.0025)
+        verdict = "a tie within seed noise" if abs(d) <= noise else (
+            "better" if d > 0 else "worse")
+        parts.append(f"{r['recipe'][4:]} {r['mean']:.3f} ({d:+.1f} pt: {verdict})")
+    return (f"Reading (written by the script): plain QAT recovers {plain['mean']:.3f} of the "
+            f"{rows[0]['mean']:.3f} float accuracy from {ptq4['mean']:.3f} after 4-bit "
+            f"round-to-nearest PTQ. Against plain QAT: " + "; ".join(parts) + ". A tie means "
+            "within twice the larger seed std (at least 0.5 pt); one float model, "
+            f"{len(plain['tflite_accuracy'])} QAT seeds. The float row's s/run is its float "
+            "training time.")
+
+
 def main(argv):
     del argv
     from edgeqat import annotate, convert, inspect, models, qat, report, train
@@ -131,7 +153,7 @@ def main(argv):
         keras_acc = np.mean(r["keras_accuracy"])
         lines.append(f"| {r['recipe']} | {r['mean']:.3f} ± {r['std']:.3f} | {seeds} | "
                      f"{keras_acc:.3f} | {np.mean(r['seconds']):.1f} |")
-    lines += ["", result["note"], ""]
+    lines += ["", result["note"], "", reading(rows), ""]
     report.write_results(Path(FLAGS.out), result, "\n".join(lines))
     print("\n".join(lines))
 

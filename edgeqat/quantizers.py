@@ -440,7 +440,7 @@ class LsqQuantizer(_Base):
               the squared rounding error of the tensor, searched over
               ``f * max|x| / Qp`` for f in [0.3, 1]. At 4 bits the paper's step is about
               twice the error-minimising one and 10 QAT epochs do not learn it down:
-              MNIST-1D, LSQ w4a8 on every layer, 0.853 (paper) vs 0.880 (mse), float
+              MNIST-1D, LSQ w4a8 on every layer, 0.840 (paper) vs 0.879 (mse), float
               0.887 (benchmarks/results/lowbit_accuracy.md).
     """
 
