@@ -107,3 +107,22 @@ def test_int4_keras_equals_litert_and_flatbuffer_unchanged():
     assert "| int4 |" in md and "int32" in md
     requant.remove(qat)
     np.testing.assert_array_equal(qat.predict(x, verbose=0), plain)
+
+
+@pytest.mark.slow
+def test_int4_fully_connected_is_bit_exact_too():
+    """A per-tensor Dense stays FULLY_CONNECTED; its int4 kernel rounds twice (measured on
+    x86_64 and on the emulated Cortex-A72 alike), one output position: double rounding."""
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((125,))
+    x = np.random.default_rng(0).normal(size=(200, 125)).astype(np.float32)
+    qat = annotate.annotate_model(keras.Model(inp, L.Dense(10)(inp)),
+                                  policy.uniform(weight_bits=4, weight_quantizer="per_tensor"),
+                                  sample_x=x)
+    qat(x, training=True)
+    annotate.prepare_for_export(qat, "int4_weights")
+    flat = convert.to_tflite(qat, "int4_weights", qat=True)
+    assert [op.name for op in inspect.list_ops(flat)] == ["FULLY_CONNECTED"]
+    assert requant.rule_for("int4_weights", 4, "aarch64", positions=1) == "double_rounding"
+    y_lite, step = _run_lite(flat, x)
+    assert np.max(np.abs(qat.predict(x, verbose=0) - y_lite)) / step < 1e-3
