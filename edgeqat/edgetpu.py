@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeqat.errors import UserError
-from edgeqat.inspect import builtin_code, schema_names
+from edgeqat.inspect import builtin_code, schema_names, tensor_type_names
 
 CUSTOM_OP = "edgetpu-custom-op"
 
@@ -135,7 +135,7 @@ class _Graph:
         self.m = schema.ModelT.InitFromPackedBuf(buf, 0)
         self.sg = self.m.subgraphs[0]
         self.op_names = schema_names(schema.BuiltinOperator)
-        self.type_names = {k: v.lower() for k, v in schema_names(schema.TensorType).items()}
+        self.type_names = tensor_type_names()
 
     def op_name(self, op) -> str:
         builtin = builtin_code(self.m, op)

@@ -54,54 +54,56 @@ def builtin_code(model_t, op) -> int:
     return max(code.builtinCode, code.deprecatedBuiltinCode)
 
 
-def tensor_types(model: bytes) -> dict[str, int]:
-    """How many tensors of each stored type the flatbuffer holds (main subgraph).
+def tensor_type_names() -> dict[int, str]:
+    """The flatbuffer's ``TensorType`` values as lower-case names (``int4``, ``int8``)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    return {v: k.lower() for v, k in schema_names(schema.TensorType).items()}
+
+
+def tensors(model: bytes) -> list[dict]:
+    """Each tensor of the main subgraph as stored: name, type, shape, and the bytes of its
+    constant data (0 for an activation).
 
     Read from the flatbuffer itself, not the interpreter: the interpreter reports a
     packed ``int4`` weight tensor as ``int8``, and its reference kernels cannot load the
-    int4 ops (CONV_2D v7) at all.
+    int4 ops (CONV_2D v7) at all. A packed int4 tensor takes half a byte per value.
     """
     from tensorflow.lite.python import schema_py_generated as schema
 
-    names = {v: k.lower() for v, k in schema_names(schema.TensorType).items()}
-    graph = schema.ModelT.InitFromPackedBuf(bytearray(model), 0).subgraphs[0]
-    counts: dict[str, int] = {}
-    for t in graph.tensors:
-        name = names.get(t.type, str(t.type))
-        counts[name] = counts.get(name, 0) + 1
-    return counts
-
-
-def constants(model: bytes) -> list[dict]:
-    """Each constant tensor (weights, biases) as stored: name, type, shape, bytes.
-
-    Read from the flatbuffer, like ``tensor_types``: a packed int4 tensor shows as
-    ``int4`` with half a byte per value.
-    """
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    names = {v: k.lower() for v, k in schema_names(schema.TensorType).items()}
+    names = tensor_type_names()
     model_t = schema.ModelT.InitFromPackedBuf(bytearray(model), 0)
     out = []
     for t in model_t.subgraphs[0].tensors:
         data = model_t.buffers[t.buffer].data if t.buffer < len(model_t.buffers) else None
-        if data is None or len(data) == 0:
-            continue
-        name = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
-        out.append({"name": name, "type": names.get(t.type, str(t.type)),
+        out.append({"name": t.name.decode() if isinstance(t.name, bytes) else str(t.name),
+                    "type": names.get(t.type, str(t.type)),
                     "shape": [int(d) for d in (t.shape if t.shape is not None else [])],
-                    "bytes": int(len(data))})
+                    "bytes": 0 if data is None else int(len(data))})
     return out
+
+
+def _count_types(facts: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in facts:
+        counts[t["type"]] = counts.get(t["type"], 0) + 1
+    return counts
+
+
+def tensor_types(model: bytes) -> dict[str, int]:
+    """How many tensors of each stored type the flatbuffer holds (main subgraph)."""
+    return _count_types(tensors(model))
 
 
 def storage(model: bytes) -> dict:
     """What the shipped file stores: its bytes, its tensors by stored type, and each
-    constant tensor with its stored type and bytes."""
-    consts = constants(model)
+    constant tensor (weights, biases) with its stored type, shape and bytes."""
+    facts = tensors(model)
+    consts = [t for t in facts if t["bytes"]]
     by_type: dict[str, int] = {}
     for c in consts:
         by_type[c["type"]] = by_type.get(c["type"], 0) + c["bytes"]
-    return {"bytes": len(model), "tensor_types": tensor_types(model),
+    return {"bytes": len(model), "tensor_types": _count_types(facts),
             "constant_bytes": by_type, "constants": consts}
 
 
