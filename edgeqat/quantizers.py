@@ -280,6 +280,15 @@ class PercentileQuantizer(_RangeTracker):
         return {**super().get_config(), "percentile": self.percentile}
 
 
+def least_error_ratio(x, quantize, ratios, axes=None):
+    """The clip ratio in ``ratios`` (1-D) whose ``quantize(ratio)`` has the least mean
+    squared error against ``x``: one for the tensor (``axes=None``), or one per index
+    left after averaging over ``axes`` (per channel). The grid search of Nagel et al.
+    2021 (arXiv:2106.08295), section 3.5."""
+    errors = tf.map_fn(lambda c: tf.reduce_mean(tf.square(quantize(c) - x), axis=axes), ratios)
+    return tf.gather(ratios, tf.argmin(errors, axis=0))
+
+
 class MseRangeQuantizer(_RangeTracker):
     """Asymmetric activation quantizer whose range minimises the quantization MSE.
 
@@ -299,14 +308,8 @@ class MseRangeQuantizer(_RangeTracker):
     def _batch_range(self, x):
         lo0 = tf.minimum(tf.reduce_min(x), 0.0)
         hi0 = tf.maximum(tf.reduce_max(x), _EPS)
-        ratios = tf.linspace(0.3, 1.0, self.steps)
-
-        def err(c):
-            y = fake_quant(x, c * lo0, c * hi0, self.num_bits)
-            return tf.reduce_mean(tf.square(y - x))
-
-        errors = tf.map_fn(err, ratios)
-        best = tf.gather(ratios, tf.argmin(errors))
+        best = least_error_ratio(x, lambda c: fake_quant(x, c * lo0, c * hi0, self.num_bits),
+                                 tf.linspace(0.3, 1.0, self.steps))
         return best * lo0, best * hi0
 
     def get_config(self):
@@ -482,17 +485,11 @@ class LsqQuantizer(_Base):
         if self.init == "paper":
             return tf.maximum(2.0 * tf.reduce_mean(tf.abs(x), axis=axes) / math.sqrt(qp), 1e-6)
         top = tf.maximum(tf.reduce_max(tf.abs(x), axis=axes), 1e-6) / qp
-        best, best_err = top, None
-        for f in np.linspace(0.3, 1.0, 29):
-            s = f * top
-            err = tf.reduce_sum(tf.square(tf.clip_by_value(tf.round(x / s), -qn, qp) * s - x),
-                                axis=axes)
-            if best_err is None:
-                best, best_err = s, err
-            else:
-                best = tf.where(err < best_err, s, best)
-                best_err = tf.minimum(err, best_err)
-        return best
+        best = least_error_ratio(
+            x, lambda c: fake_quant(x, -qn * c * top, qp * c * top, self.num_bits,
+                                    self.narrow_range, self.per_channel),
+            tf.linspace(0.3, 1.0, 29), axes)
+        return best * top
 
     def __call__(self, inputs, training, weights, **kwargs):
         step, seen = weights["step"], weights["seen"]
