@@ -114,6 +114,20 @@ def _new_inputs(model: keras.Model) -> list:
             for kt in model.inputs]
 
 
+def node_in(model: keras.Model, layer):
+    """``layer``'s call in ``model``'s own graph, or None.
+
+    A layer reused from another model (annotation shares unwrapped pass-through layers,
+    pooling and reshape, between the float, canonical and QAT graphs) has its node for
+    ``model`` later in ``_inbound_nodes``; ``layer._inbound_nodes[0]`` belongs to the
+    first model that called it.
+    """
+    for index, node in enumerate(layer._inbound_nodes):
+        if f"{layer.name}_ib-{index}" in model._network_nodes:
+            return node
+    return None
+
+
 def _consumers(model: keras.Model) -> dict[int, list]:
     """id(KerasTensor) -> the layers that read it, in ``model``'s own graph."""
     out: dict[int, list] = {}

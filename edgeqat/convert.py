@@ -45,17 +45,6 @@ def _wrapper_classes():
     return tfmot.quantization.keras.QuantizeWrapperV2, QuantizeLayer
 
 
-def _node_in(model, layer):
-    """``layer``'s call in ``model``'s graph. Unwrapped pass-through layers (pooling,
-    reshape) are shared by the float, canonical and QAT graphs, so their first call
-    belongs to another model."""
-    nodes = getattr(model, "_network_nodes", None)
-    for i, node in enumerate(layer._inbound_nodes):
-        if nodes is None or f"{layer.name}_ib-{i}" in nodes:
-            return node
-    return None
-
-
 def _input_scale(layer, model):
     """The step of the quantizer that produced ``layer``'s (first) input in ``model``, or
     None.
@@ -63,8 +52,10 @@ def _input_scale(layer, model):
     Walks back through unwrapped pass-through layers (pooling, reshape), which keep
     their input's scale in TFLite.
     """
+    from edgeqat.annotate import node_in
+
     wrapper_cls, quantize_layer_cls = _wrapper_classes()
-    node = _node_in(model, layer)
+    node = node_in(model, layer)
     while node is not None:
         producers = tf.nest.flatten(node.inbound_layers)
         if len(producers) != 1:
@@ -78,7 +69,7 @@ def _input_scale(layer, model):
             return prod._output_quantizers[0].scale(prod._output_quantizer_vars)
         if isinstance(prod, keras.layers.InputLayer):
             return None
-        node = _node_in(model, prod)
+        node = node_in(model, prod)
     return None
 
 

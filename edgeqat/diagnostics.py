@@ -216,15 +216,11 @@ def tflite_accuracy(model: bytes, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _output_in(model: keras.Model, layer) -> object:
-    """The layer's output tensor in ``model``'s own graph.
+    """The layer's output tensor in ``model``'s own graph (``annotate.node_in``)."""
+    from edgeqat.annotate import node_in
 
-    ``layer.output`` is the first call's output; a layer reused from another model (as
-    annotation does) has its node for this model later in ``_inbound_nodes``.
-    """
-    for index, node in enumerate(layer._inbound_nodes):
-        if f"{layer.name}_ib-{index}" in model._network_nodes:
-            return node.outputs
-    return layer.output
+    node = node_in(model, layer)
+    return node.outputs if node is not None else layer.output
 
 
 def direct_layer_errors(tflite: bytes, model: keras.Model, x: np.ndarray,
