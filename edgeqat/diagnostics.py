@@ -185,8 +185,8 @@ def _interpreter(model: bytes, preserve: bool = False):
 
 def _quantize_input(x: np.ndarray, detail: dict) -> np.ndarray:
     scale, zp = detail["quantization"]
-    if detail["dtype"] == np.float32 or scale == 0:
-        return x.astype(np.float32)
+    if detail["dtype"] == np.float32 or scale == 0:  # float, or int token ids as they are
+        return x.astype(detail["dtype"])
     info = np.iinfo(detail["dtype"])
     return np.clip(np.round(x / scale + zp), info.min, info.max).astype(detail["dtype"])
 
@@ -208,6 +208,11 @@ def run_tflite(model: bytes, x: np.ndarray) -> np.ndarray:
         interp.invoke()
         outs.append(_dequantize(interp.get_tensor(out["index"]), out)[0])
     return np.stack(outs)
+
+
+def output_scale(model: bytes) -> float:
+    """The output quantization step of a TFLite model (0.0 for a float output)."""
+    return float(_interpreter(model).get_output_details()[0]["quantization"][0])
 
 
 def tflite_accuracy(model: bytes, x: np.ndarray, y: np.ndarray) -> float:

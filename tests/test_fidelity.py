@@ -9,7 +9,7 @@ quantization steps.
 import numpy as np
 import pytest
 
-from edgeqat import annotate, convert, policy
+from edgeqat import annotate, convert, diagnostics, policy
 from edgeqat.keras import keras, tf
 
 L = keras.layers
@@ -45,24 +45,6 @@ def trained():
     return model, x[360:], y[360:], x[:360], y[:360]
 
 
-def run_tflite(flat: bytes, x: np.ndarray) -> np.ndarray:
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_content=flat)
-    interp.allocate_tensors()
-    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    s_in, z_in = inp["quantization"]
-    s_out, z_out = out["quantization"]
-    info = np.iinfo(inp["dtype"])
-    ys = []
-    for i in range(len(x)):
-        q = np.clip(np.round(x[i:i + 1] / s_in + z_in), info.min, info.max)
-        interp.set_tensor(inp["index"], q.astype(inp["dtype"]))
-        interp.invoke()
-        ys.append((interp.get_tensor(out["index"]).astype(np.float32) - z_out) * s_out)
-    return np.concatenate(ys), s_out
-
-
 CASES = [  # (weight quantizer, activation quantizer, weight bits, mode)
     ("per_channel", "moving_average", 8, "int8"),
     ("per_tensor", "moving_average", 8, "int8"),
@@ -93,7 +75,7 @@ def test_keras_and_tflite_agree(trained, wq, aq, bits, mode, record_property):
     # differently from float math (int4 weights, 16x8), Keras rounds as they do.
     annotate.prepare_for_export(qat, mode)
     flat = convert.to_tflite(qat, mode, calibration=x_train[:32], qat=True)
-    y_lite, step = run_tflite(flat, x_test)
+    y_lite, step = diagnostics.run_tflite(flat, x_test), diagnostics.output_scale(flat)
     y_keras = qat.predict(x_test, verbose=0)
     top1 = np.mean(y_lite.argmax(1) == y_keras.argmax(1))
     close = np.mean(np.abs(y_lite - y_keras) <= 2 * step + 1e-6)

@@ -10,7 +10,7 @@ and check that the int8 model computes what the Keras QAT model computes.
 import numpy as np
 import pytest
 
-from edgeqat import annotate, convert, inspect, policy
+from edgeqat import annotate, convert, diagnostics, inspect, policy
 from edgeqat.config import PolicyConfig, RuleConfig
 from edgeqat.errors import UserError
 from edgeqat.keras import keras, tf
@@ -118,24 +118,6 @@ def _inputs(model, n, rng):
     return rng.normal(0, 1.5, shape).astype(np.float32)
 
 
-def _run_tflite(flat: bytes, x: np.ndarray) -> np.ndarray:
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_content=flat)
-    it.allocate_tensors()
-    inp, out = it.get_input_details()[0], it.get_output_details()[0]
-    if inp["dtype"] == np.int8:
-        s, z = inp["quantization"]
-        x = np.clip(np.round(x / s + z), -128, 127).astype(np.int8)
-    ys = []
-    for i in range(len(x)):
-        it.set_tensor(inp["index"], x[i:i + 1])
-        it.invoke()
-        ys.append(it.get_tensor(out["index"])[0])
-    s, z = out["quantization"]
-    return (np.array(ys, np.float32) - z) * s, s
-
-
 def test_every_claimed_kind_is_covered():
     assert set(KINDS.values()) == set(MODELS)
 
@@ -157,7 +139,7 @@ def test_layer_kinds_convert_full_integer_and_match_keras(name):
     op_names = {op.name for op in ops}
     x = _inputs(model, 16, rng)
     want = qat(x, training=False).numpy()
-    got, scale = _run_tflite(flat, x)
+    got, scale = diagnostics.run_tflite(flat, x), diagnostics.output_scale(flat)
     err = np.abs(got - want)
     # A few output steps: int8 rounding differs from FakeQuant's float emulation by at
     # most a step per op, and a handful of ops sit between input and output. The

@@ -4,7 +4,7 @@ Keras outputs equal the LiteRT int4 kernels' bit for bit while the flatbuffer is
 import numpy as np
 import pytest
 
-from edgeqat import annotate, convert, inspect, policy, report, requant
+from edgeqat import annotate, convert, diagnostics, inspect, policy, report, requant
 from edgeqat.keras import keras, tf
 
 L = keras.layers
@@ -65,22 +65,6 @@ def _small_model():
     return keras.Model(inp, L.Dense(4)(h))
 
 
-def _run_lite(flat, x):
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_content=flat)
-    it.allocate_tensors()
-    i, o = it.get_input_details()[0], it.get_output_details()[0]
-    (s_in, z_in), (s_out, z_out) = i["quantization"], o["quantization"]
-    ys = []
-    for row in x:
-        it.set_tensor(i["index"], np.clip(np.round(row[None] / s_in + z_in), -128, 127)
-                      .astype(np.int8))
-        it.invoke()
-        ys.append((it.get_tensor(o["index"]).astype(np.float64) - z_out) * s_out)
-    return np.concatenate(ys), s_out
-
-
 @pytest.mark.slow
 def test_int4_keras_equals_litert_and_flatbuffer_unchanged():
     x = np.random.default_rng(0).normal(size=(64, 8, 8, 2)).astype(np.float32)
@@ -93,7 +77,7 @@ def test_int4_keras_equals_litert_and_flatbuffer_unchanged():
     flat = convert.to_tflite(qat, "int4_weights", qat=True)
     done = requant.install(qat, "int4_weights")  # this machine's CPU
     assert len(done) == 3  # both convolutions and the dense layer
-    y_lite, step = _run_lite(flat, x)
+    y_lite, step = diagnostics.run_tflite(flat, x), diagnostics.output_scale(flat)
     exact = qat.predict(x, verbose=0)
     assert np.max(np.abs(exact - y_lite)) / step < 1e-3  # bit-exact
     if requant.host_arch() == "x86_64":  # double rounding: float math differs somewhere
@@ -124,5 +108,5 @@ def test_int4_fully_connected_is_bit_exact_too():
     flat = convert.to_tflite(qat, "int4_weights", qat=True)
     assert [op.name for op in inspect.list_ops(flat)] == ["FULLY_CONNECTED"]
     assert requant.rule_for("int4_weights", 4, "aarch64", positions=1) == "double_rounding"
-    y_lite, step = _run_lite(flat, x)
+    y_lite, step = diagnostics.run_tflite(flat, x), diagnostics.output_scale(flat)
     assert np.max(np.abs(qat.predict(x, verbose=0) - y_lite)) / step < 1e-3
