@@ -332,8 +332,8 @@ def canonicalize(flat: keras.Model, origin: dict, wants_per_channel) -> tuple[ke
         src = bn._inbound_nodes[0] if bn is not None else node
         outs = tf.nest.flatten(src.outputs)
         users = consumers.get(id(outs[0]), [])
-        if len(outs) == 1 and len(users) == 1 and isinstance(users[0], L.ReLU | L.Activation) \
-                and qc.relu_bound(users[0]) is not None and len(users[0]._inbound_nodes) == 1:
+        if len(outs) == 1 and len(users) == 1 and qc.is_fusable_relu(users[0]) \
+                and len(users[0]._inbound_nodes) == 1:
             return users[0]
         return None
 
@@ -492,9 +492,7 @@ def _fused_into_next(layer, node, consumers) -> bool:
         return False
     outs = tf.nest.flatten(node.outputs)
     users = consumers.get(id(outs[0]), [])
-    return (len(outs) == 1 and len(users) == 1 and users[0] is not None
-            and isinstance(users[0], L.ReLU | L.Activation)
-            and qc.relu_bound(users[0]) is not None)
+    return len(outs) == 1 and len(users) == 1 and qc.is_fusable_relu(users[0])
 
 
 def _call_wrapped(wrapper, layer, args, kwargs):

@@ -109,6 +109,11 @@ def relu_bound(layer) -> float | None:
     return {"relu": float("inf"), "relu6": 6.0}.get(act)
 
 
+def is_fusable_relu(layer) -> bool:
+    """A stand-alone ReLU / ReLU6 layer: TFLite fuses it into the op before it."""
+    return isinstance(layer, L.ReLU | L.Activation) and relu_bound(layer) is not None
+
+
 def fixed_output_range(layer) -> tuple[float, float] | None:
     """The (min, max) TFLite's int8 kernel fixes for this layer's output, if it fixes one."""
     if isinstance(layer, L.Softmax):

@@ -33,13 +33,13 @@ import threading
 
 import numpy as np
 
+from edgeqat import quantize_configs as qc
 from edgeqat.keras import keras, tf
 
 _state = threading.local()
 
 # inner layer class -> TFLite op the kernel rule is measured for
 _KERNEL_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
-_FUSED = (keras.layers.ReLU,)
 
 
 @contextlib.contextmanager
@@ -112,10 +112,9 @@ class KernelRounding:
     ``scale`` the output step; everything else goes to the wrapped quantizer.
     """
 
-    def __init__(self, quantizer, rule: str, grid, scale, layer_name: str):
+    def __init__(self, quantizer, rule: str, grid, scale):
         self.quantizer = quantizer
         self.rule = rule
-        self.layer_name = layer_name
         self.grid = np.asarray(grid, np.float64)
         self.out_scale = float(scale)
         m = self.grid / _f32(scale)  # TFLite: double(s_in) * double(s_w) / double(s_out)
@@ -148,7 +147,7 @@ def _output_site(wrapper):
         return wrapper
     consumers = [n.outbound_layer for n in wrapper._outbound_nodes]
     if len(consumers) == 1 and isinstance(consumers[0], wrapper_cls) \
-            and isinstance(consumers[0].layer, _FUSED) and consumers[0]._output_quantizers:
+            and qc.is_fusable_relu(consumers[0].layer) and consumers[0]._output_quantizers:
         return consumers[0]
     return None
 
@@ -225,16 +224,16 @@ def install(model: keras.Model, mode: str, arch: str | None = None) -> list[str]
             continue
         kernel, wq, wvars = layer._weight_vars[0]
         rule = rule_for(mode, getattr(wq, "num_bits", 8), arch, _positions(layer))
-        site = _output_site(layer) if rule else None
+        site = _output_site(layer) if rule and hasattr(wq, "scale") else None
         s_in = _input_scale(layer, model) if site is not None else None
-        if s_in is None or not hasattr(wq, "scale"):
+        if s_in is None:
             continue
         oq = site._output_quantizers[0]
         s_w = np.asarray(wq.scale(wvars, kernel), np.float64).reshape(-1)
         grid = _f32(s_in) * _f32(s_w)
         s_out = oq.scale(site._output_quantizer_vars)
         site._output_quantizers = [KernelRounding(oq, rule, grid if grid.size > 1 else grid[0],
-                                                  s_out, layer.name)]
+                                                  s_out)]
         done.append(layer.name)
     model.predict_function = None
     return done

@@ -110,3 +110,23 @@ def test_int4_fully_connected_is_bit_exact_too():
     assert requant.rule_for("int4_weights", 4, "aarch64", positions=1) == "double_rounding"
     y_lite, step = diagnostics.run_tflite(flat, x), diagnostics.output_scale(flat)
     assert np.max(np.abs(qat.predict(x, verbose=0) - y_lite)) / step < 1e-3
+
+
+@pytest.mark.slow
+def test_activation_relu_layer_is_a_fused_site():
+    """A conv followed by ``Activation("relu")`` (fused by TFLite like ``ReLU``): the
+    kernel rounding goes on the activation's output quantizer, bit-exact."""
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((8, 8, 2))
+    h = L.Activation("relu")(L.Conv2D(8, 3, padding="same")(inp))
+    x = np.random.default_rng(0).normal(size=(64, 8, 8, 2)).astype(np.float32)
+    qat = annotate.annotate_model(keras.Model(inp, L.Conv2D(8, 1)(h)),
+                                  policy.uniform(weight_bits=4, weight_quantizer="lsq"),
+                                  sample_x=x)
+    qat(x, training=True)
+    done = requant.install(qat, "int4_weights", "x86_64")
+    assert len(done) == 2
+    if requant.host_arch() == "x86_64":
+        flat = convert.to_tflite(qat, "int4_weights", qat=True)
+        y_lite, step = diagnostics.run_tflite(flat, x), diagnostics.output_scale(flat)
+        assert np.max(np.abs(qat.predict(x, verbose=0) - y_lite)) / step < 1e-3
