@@ -76,7 +76,18 @@ class _Stages:
 
 def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
     """Runs the whole flow. Touches no output directory: see ``write_outputs``."""
-    from edgeqat import annotate, convert, diagnostics, inspect, models, ptq, qat, report, train
+    from edgeqat import (
+        annotate,
+        convert,
+        diagnostics,
+        inspect,
+        models,
+        ptq,
+        qat,
+        report,
+        requant,
+        train,
+    )
     from edgeqat.data import load_dataset
     from edgeqat.edgetpu import edgetpu_report
     from edgeqat.keras import keras, tf
@@ -131,7 +142,7 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
         # The exported model (biases snapped, kernel rounding of the device's CPU, which
         # the diagnostics above took from this machine): what ships, so the report's
         # Keras QAT accuracy and the agreement come from the same logits.
-        annotate.prepare_for_export(tuned.model, mode, target_arch(device))
+        requant.install(tuned.model, mode, target_arch(device))
         qat_logits = tuned.model.predict(data.x_test, batch_size=256, verbose=0)
         tuned = dataclasses.replace(tuned, accuracy=float(
             (qat_logits.argmax(-1) == data.y_test).mean()))
