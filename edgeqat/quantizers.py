@@ -280,12 +280,12 @@ class PercentileQuantizer(_RangeTracker):
         return {**super().get_config(), "percentile": self.percentile}
 
 
-def least_error_ratio(x, quantize, ratios, axes=None):
-    """The clip ratio in ``ratios`` (1-D) whose ``quantize(ratio)`` has the least mean
-    squared error against ``x``: one for the tensor (``axes=None``), or one per index
-    left after averaging over ``axes`` (per channel). The grid search of Nagel et al.
-    2021 (arXiv:2106.08295), section 3.5."""
-    errors = tf.map_fn(lambda c: tf.reduce_mean(tf.square(quantize(c) - x), axis=axes), ratios)
+def least_error_ratio(x, quantize, ratios, axes=None, reduce=tf.reduce_mean):
+    """The clip ratio in ``ratios`` (1-D) whose ``quantize(ratio)`` has the least squared
+    error against ``x`` (``reduce``-d over ``axes``): one for the tensor (``axes=None``),
+    or one per index left (per channel); the first of equal ones. The grid search of
+    Nagel et al. 2021 (arXiv:2106.08295), section 3.5."""
+    errors = tf.map_fn(lambda c: reduce(tf.square(quantize(c) - x), axis=axes), ratios)
     return tf.gather(ratios, tf.argmin(errors, axis=0))
 
 
@@ -486,9 +486,8 @@ class LsqQuantizer(_Base):
             return tf.maximum(2.0 * tf.reduce_mean(tf.abs(x), axis=axes) / math.sqrt(qp), 1e-6)
         top = tf.maximum(tf.reduce_max(tf.abs(x), axis=axes), 1e-6) / qp
         best = least_error_ratio(
-            x, lambda c: fake_quant(x, -qn * c * top, qp * c * top, self.num_bits,
-                                    self.narrow_range, self.per_channel),
-            tf.linspace(0.3, 1.0, 29), axes)
+            x, lambda c: tf.clip_by_value(tf.round(x / (c * top)), -qn, qp) * (c * top),
+            tf.constant(np.linspace(0.3, 1.0, 29), tf.float32), axes, tf.reduce_sum)
         return best * top
 
     def __call__(self, inputs, training, weights, **kwargs):
