@@ -23,8 +23,9 @@ and evaluated by ai-edge-litert on the same 1,000 MNIST-1D test signals:
   (``2 mean|w| / sqrt(Qp)``) instead of edgeqat's default (the per-channel step that
   minimises the rounding error), to show what the default buys.
 
-QAT rows are mean ± std over ``--seeds`` QAT seeds from the same float model. The 4-bit
-values live on a 4-bit grid inside int8 storage (TFLite has no packed int4 conv kernel).
+QAT rows are mean ± std over ``--seeds`` QAT seeds from the same float model. Every
+model is converted in int8 mode, so the 4-bit values live on a 4-bit grid inside int8
+storage (``int4_weights`` mode would pack the same values: docs/int4.md).
 Writes benchmarks/results/lowbit_accuracy.md and .json.
 """
 
@@ -50,25 +51,9 @@ flags.DEFINE_string("out", str(Path(__file__).parent / "results" / "lowbit_accur
 FLAGS = flags.FLAGS
 
 
-def _round_weights(model, bits: int, keep: tuple[str, ...] = ()):
-    """A copy of ``model`` whose kernels (except layers in ``keep``) are rounded to nearest
-    on a ``bits`` grid per output channel (symmetric max-abs, narrow range)."""
-    from edgeqat.keras import keras
-
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    qp = 2 ** (bits - 1) - 1
-    for layer in copy.layers:
-        if hasattr(layer, "kernel") and layer.name not in keep:
-            k = layer.kernel.numpy()
-            s = np.maximum(np.abs(k).reshape(-1, k.shape[-1]).max(0), 1e-8) / qp
-            layer.kernel.assign(np.clip(np.round(k / s), -qp, qp) * s)
-    return copy
-
-
 def main(argv):
     del argv
-    from edgeqat import annotate, convert, inspect, models, policy, qat, report, train
+    from edgeqat import annotate, convert, inspect, models, policy, ptq, qat, report, train
     from edgeqat import quantizers as q
     from edgeqat.data import load_dataset
     from edgeqat.diagnostics import tflite_accuracy
@@ -91,9 +76,9 @@ def main(argv):
         convert.to_tflite(trained.model, "float"), xt, yt)], "seconds": [float_seconds]}]
     for name, model in (("PTQ w8 (int8)", trained.model),
                         ("PTQ w4 (4-bit RTN weights, all layers)",
-                         _round_weights(trained.model, 4)),
+                         ptq.round_weights(trained.model, 4)),
                         (f"PTQ w4 (4-bit RTN, {first}/{last} 8-bit)",
-                         _round_weights(trained.model, 4, keep=(first, last)))):
+                         ptq.round_weights(trained.model, 4, keep=(first, last)))):
         flat = convert.to_tflite(model, "int8", calibration=data.x_calib)
         inspect.require_full_integer(flat, name)
         rows.append({"recipe": name, "tflite_accuracy": [tflite_accuracy(flat, xt, yt)],

@@ -38,22 +38,6 @@ flags.DEFINE_string("out", str(Path(__file__).parent / "results" / "qat_recipes"
 FLAGS = flags.FLAGS
 
 
-def _round_weights(model, bits: int):
-    """A copy of ``model`` whose kernels are rounded per output channel to ``bits``."""
-    from edgeqat.keras import keras
-
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    qp = 2 ** (bits - 1) - 1
-    for layer in copy.layers:
-        if hasattr(layer, "kernel"):
-            k = layer.kernel.numpy()
-            m = np.abs(k).reshape(-1, k.shape[-1]).max(0)
-            s = np.maximum(m, 1e-8) / qp
-            layer.kernel.assign(np.clip(np.round(k / s), -qp, qp) * s)
-    return copy
-
-
 def reading(rows: list[dict]) -> str:
     """The table in words, from its own numbers (rerunning keeps it true)."""
     by = {r["recipe"]: r for r in rows}
@@ -78,7 +62,7 @@ def reading(rows: list[dict]) -> str:
 
 def main(argv):
     del argv
-    from edgeqat import annotate, convert, inspect, models, qat, report, train
+    from edgeqat import annotate, convert, inspect, models, ptq, qat, report, train
     from edgeqat.config import PrecisionStep, RuleConfig
     from edgeqat.data import load_dataset
     from edgeqat.diagnostics import tflite_accuracy
@@ -98,7 +82,7 @@ def main(argv):
         convert.to_tflite(trained.model, "float"), xt, yt)],
         "keras_accuracy": [trained.accuracy], "seconds": [round(float_seconds, 1)]}]
     for name, model in (("PTQ int8 (8-bit weights)", trained.model),
-                        ("PTQ w4 (4-bit RTN weights)", _round_weights(trained.model, 4))):
+                        ("PTQ w4 (4-bit RTN weights)", ptq.round_weights(trained.model, 4))):
         flat = convert.to_tflite(model, "int8", calibration=data.x_calib)
         inspect.require_full_integer(flat, name)
         rows.append({"recipe": name, "tflite_accuracy": [tflite_accuracy(flat, xt, yt)],

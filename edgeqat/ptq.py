@@ -202,6 +202,26 @@ def _set_ranges(calibrated: bytes, x: np.ndarray, cfg: PtqConfig) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(m))
 
 
+# ---------------------------------------------------------------------------- round to nearest
+
+
+def round_weights(model: keras.Model, bits: int, keep: tuple[str, ...] = ()) -> keras.Model:
+    """A copy of ``model`` whose kernels (except layers named in ``keep``) are rounded to
+    nearest on a ``bits`` grid per last kernel axis (symmetric max-abs, narrow range):
+    round-to-nearest low-bit PTQ, the baseline QAT must beat. The converter has no
+    low-bit PTQ route for full-integer models, so the rounded weights are then converted
+    as int8 (their values stay on the ``bits`` grid)."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    qp = 2 ** (bits - 1) - 1
+    for layer in copy.layers:
+        if hasattr(layer, "kernel") and layer.name not in keep:
+            k = layer.kernel.numpy()
+            s = np.maximum(np.abs(k).reshape(-1, k.shape[-1]).max(0), 1e-8) / qp
+            layer.kernel.assign(np.clip(np.round(k / s), -qp, qp) * s)
+    return copy
+
+
 # ---------------------------------------------------------------------------- AdaRound
 
 _ZETA, _GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (Louizos et al. 2018)

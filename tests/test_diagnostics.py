@@ -178,3 +178,20 @@ def test_pipeline_toml_keys(write_toml):
                                ("[auto]\nbudget = 0.1", "unknown key 'auto.budget'")]:
         with pytest.raises(ConfigError, match=fragment):
             load_pipeline(write_toml(bad_toml))
+
+
+def test_round_weights_puts_kernels_on_a_per_channel_grid():
+    from edgeqat.ptq import round_weights
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6,))
+    model = keras.Model(inp, keras.layers.Dense(3, name="out")(
+        keras.layers.Dense(5, name="hidden")(inp)))
+    rounded = round_weights(model, 4, keep=("out",))
+    k = rounded.get_layer("hidden").kernel.numpy()
+    step = np.abs(model.get_layer("hidden").kernel.numpy()).max(0) / 7  # max/Qp per column
+    np.testing.assert_allclose(k / step, np.round(k / step), atol=1e-5)  # on the grid
+    assert np.abs(k / step).max() <= 7 + 1e-5
+    np.testing.assert_array_equal(rounded.get_layer("out").kernel.numpy(),
+                                  model.get_layer("out").kernel.numpy())  # kept
+    assert model.get_layer("hidden").kernel is not rounded.get_layer("hidden").kernel
