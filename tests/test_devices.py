@@ -63,3 +63,13 @@ def test_relative_key_paths_are_relative_to_the_file(tmp_path):
     conn = load_device(path).connection
     assert conn.identity_file == str(tmp_path / "keys" / "id")
     assert conn.ssh_config == str(Path("~/.ssh/config").expanduser())
+
+
+def test_target_arch_per_profile():
+    """The CPU whose kernel rounding the Keras reference follows (edgeqat.requant)."""
+    from edgeqat.requant import host_arch
+    from edgeqat.validate import target_arch
+
+    arch = {p.stem: target_arch(load_device(p)) for p in PROFILES}
+    assert arch["rpi4"] == arch["android"] == arch["rpi4_emulated"] == "aarch64"
+    assert arch["local_cpu"] == arch["coral_usb"] == host_arch()  # local: this machine

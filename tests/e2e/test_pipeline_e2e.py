@@ -37,6 +37,10 @@ def test_tiny_pipeline_end_to_end(tiny_pipeline, tmp_path):
     assert r["size_bytes"]["qat_int8"] == len(qat)
     assert r["size_bytes"]["qat_int8"] < r["size_bytes"]["float"]
     assert r["agreement"]["qat_int8"]["top1"] >= 0.95
+    # The Keras QAT accuracy comes from the logits the agreement compares: they can
+    # differ by no more than the share of samples whose top-1 differs.
+    disagree = 1.0 - r["agreement"]["qat_int8"]["top1"]
+    assert abs(acc["qat_keras"] - acc["qat_int8"]) <= disagree + 1e-9
     for name in ("float", "ptq_int8", "qat_int8"):
         lat = r["latency"][name]
         assert lat["runs"] == 5 and 0 < lat["median_ms"] <= lat["p90_ms"]
