@@ -64,11 +64,15 @@ def main(argv):
             f"{x['size_ratio']:.2f} ({x['qat_kib']:.1f}/{x['float_kib']:.1f} KiB) | "
             f"{x['int8_speedup']:.2f}x | {'yes' if x['full_integer'] else 'NO'} | "
             f"{x['wall_s']:.0f} s |")
+    latency = ("Latency is a ratio from the same run. These reference models take tens of "
+               "microseconds per invoke, so the fixed per-invoke cost dominates and int8 is "
+               "not faster here; NOTES.md measured 3.6x for ResNet50 on this CPU.")
+    if dev.connection.kind == "qemu":
+        latency = ("The device is emulated: accuracy and outputs are the device's, the "
+                   "speed-up column says nothing about a real one.")
     header = (f"Measured by `benchmarks/pipelines.py` on {os.cpu_count()} CPU core(s), device "
-              f"profile `{FLAGS.device}` (1 thread). Latency is a ratio from the same run. "
-              "These reference models take tens of microseconds per invoke, so the fixed "
-              "per-invoke cost dominates and int8 is not faster here; NOTES.md measured "
-              "3.6x for ResNet50 on this CPU.\n\n")
+              f"profile `{FLAGS.device}` ({dev.num_threads} thread"
+              f"{'s' if dev.num_threads > 1 else ''}). {latency}\n\n")
     report.write_results(Path(FLAGS.out), rows, header + "\n".join(lines) + "\n", indent=2)
     print("\n".join(lines))
 
