@@ -8,6 +8,7 @@ allowed. No TensorFlow import happens here, so a bad file fails in milliseconds.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -30,29 +31,116 @@ def choice(default: Any, choices: tuple, doc: str = "") -> Any:
     return field(default=default, metadata={"choices": choices, "doc": doc})
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field may take: ``lo <= v <= hi`` (``lo < v`` when open)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    text: str = ""  # how the error says it, e.g. "must be at least 1"
+
+    def holds(self, v: float) -> bool:
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or v <= self.hi
+
+
+AT_LEAST_0 = Range(0, text="must be 0 or more")
+AT_LEAST_1 = Range(1, text="must be at least 1")
+POSITIVE = Range(0, lo_open=True, text="must be positive")
+FRACTION = Range(0, 1, text="must be a fraction in [0, 1]")
+WEIGHT_BITS = Range(2, 8, text="must be 2..8")
+ACTIVATION_BITS = Range(2, 16, text="must be 2..16")
+SEED = Range(0, 2**32 - 1, text="must be 0..4294967295")
+PORT = Range(1, 65535, text="must be 1..65535")
+
+
+def bounded(default: Any, allowed: Range, doc: str = "") -> Any:
+    """A numeric dataclass field whose value must lie in ``allowed`` (and be finite)."""
+    return field(default=default, metadata={"range": allowed, "doc": doc})
+
+
+_NO_VALUE = object()
+
+
+class FieldError(ValueError):
+    """A field of a config object holds a value it may not; ``key`` names the field.
+
+    ``key`` is relative to the object that raised it (``"host"``, or ``"connection.host"``
+    for a rule across tables); the loader prefixes the table and the file.
+    """
+
+    def __init__(self, key: str, value: Any, message: str):
+        self.key, self.value, self.message = key, value, message
+        super().__init__(self.describe(key))
+
+    def describe(self, where: str) -> str:
+        """``where = value must be ...``, with ``where`` the key as the reader knows it."""
+        if self.value is _NO_VALUE:
+            return f"{where} {self.message}"
+        return f"{where} = {self.value!r} {self.message}"
+
+
+class Checked:
+    """Mixin for config dataclasses: every instance, however made, has legal values.
+
+    ``__post_init__`` checks each field's ``choices``, ``range`` and, for numbers,
+    finiteness, so a TOML file, a command-line override (``dataclasses.replace``) and code
+    constructing a config all pass the same checks. Subclasses add cross-field rules in
+    ``check()``. Raises ``FieldError``; the loader adds the file and the table prefix.
+    """
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise FieldError(f.name, value, "must be a finite number")
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise FieldError(f.name, value,
+                                 f"is not one of: {', '.join(map(str, choices))}")
+            allowed = f.metadata.get("range")
+            if allowed and value is not None and not isinstance(value, bool) \
+                    and isinstance(value, int | float) and not allowed.holds(value):
+                raise FieldError(f.name, value, allowed.text)
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field rules; raise ``FieldError`` naming the field at fault."""
+
+
 # ---------------------------------------------------------------------------- pipeline
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Checked):
     """Where the training and evaluation data come from."""
 
     name: str = choice("digits", ("digits", "mnist1d", "npz"))
     path: str | None = None  # .npz with x_train, y_train, x_test, y_test (name = "npz")
-    calibration_samples: int = 500  # representative samples for PTQ calibration
-    eval_samples: int = 0  # 0: the whole test split
-    validation_fraction: float = 0.1  # held out of x_train for early checks
+    calibration_samples: int = bounded(500, AT_LEAST_1)  # samples for PTQ calibration
+    eval_samples: int = bounded(0, AT_LEAST_0)  # 0: the whole test split
+    validation_fraction: float = bounded(  # held out of x_train for early checks
+        0.1, Range(0, 1, text="must be in [0, 1)"))
+
+    def check(self) -> None:
+        if self.validation_fraction >= 1:
+            raise FieldError("validation_fraction", self.validation_fraction,
+                             "must be in [0, 1)")
+        if self.name == "npz" and not self.path:
+            raise FieldError("path", _NO_VALUE, "is required when data.name = 'npz'")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Checked):
     """The float model: a built-in builder, a ``module:function``, or a saved Keras file."""
 
     builder: str = "dscnn"
     path: str | None = None  # a saved tf_keras model (.keras, .h5 or SavedModel dir)
-    epochs: int = 20  # float training epochs (0 with `path`: use the model as it is)
-    batch_size: int = 64
-    learning_rate: float = 2e-3
+    epochs: int = bounded(20, AT_LEAST_0)  # float epochs (0 with `path`: use it as it is)
+    batch_size: int = bounded(64, AT_LEAST_1)
+    learning_rate: float = bounded(2e-3, POSITIVE)
 
 
 WEIGHT_QUANTIZERS = ("per_channel", "per_tensor", "lsq")
@@ -60,7 +148,7 @@ ACTIVATION_QUANTIZERS = ("moving_average", "relu6", "pact", "lsq", "percentile",
 
 
 @dataclass(frozen=True)
-class RuleConfig:
+class RuleConfig(Checked):
     """One policy rule: which layers it matches and how they are quantized.
 
     ``layers`` and ``classes`` are regexes that must fully match the layer name and its
@@ -70,8 +158,8 @@ class RuleConfig:
     layers: str = ".*"
     classes: str = ".*"
     float: bool = False  # leave matched layers in float (conversion then needs calibration)
-    weight_bits: int = 8  # 2..8 (4: int4_weights mode)
-    activation_bits: int = 8  # 2..16 (16: int16x8 mode)
+    weight_bits: int = bounded(8, WEIGHT_BITS)  # 2..8 (4: int4_weights mode)
+    activation_bits: int = bounded(8, ACTIVATION_BITS)  # 2..16 (16: int16x8 mode)
     weight_quantizer: str = choice("per_channel", WEIGHT_QUANTIZERS,
                                    "per_channel: symmetric last-value (per tensor where a "
                                    "layer cannot convert per channel); lsq: learned step")
@@ -79,9 +167,17 @@ class RuleConfig:
                                        "relu6: fixed [0, 6] on ReLU6 outputs, moving "
                                        "average elsewhere")
 
+    def check(self) -> None:
+        for key in ("layers", "classes"):
+            try:
+                re.compile(getattr(self, key))
+            except re.error as e:
+                raise FieldError(key, _NO_VALUE, f"is not a valid regex "
+                                 f"({getattr(self, key)!r}: {e})") from None
+
 
 @dataclass(frozen=True)
-class PolicyConfig:
+class PolicyConfig(Checked):
     """Ordered rules (first match wins); layers no rule matches get ``default``."""
 
     rules: tuple[RuleConfig, ...] = ()
@@ -89,72 +185,84 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
-class PrecisionStep:
+class PrecisionStep(Checked):
     """One step of a gradual-precision schedule: from ``epoch`` (0-based) on, use these bits."""
 
-    epoch: int = 0
-    weight_bits: int = 8  # 2..8; every weight quantizer of the QAT model
+    epoch: int = bounded(0, AT_LEAST_0)
+    weight_bits: int = bounded(8, WEIGHT_BITS)  # every weight quantizer of the QAT model
     activation_bits: int = 0  # 2..16; 0: keep the bits the policy gave each activation
+
+    def check(self) -> None:
+        if self.activation_bits and not 2 <= self.activation_bits <= 16:
+            raise FieldError("activation_bits", self.activation_bits,
+                             "must be 0 (keep) or 2..16")
 
 
 @dataclass(frozen=True)
-class QatConfig:
+class QatConfig(Checked):
     """Quantization-aware fine-tuning: schedule, distillation, checkpoints, distribution.
 
     Fractions (``quant_delay``, ``observer_freeze``, ``bn_freeze``, ``warmup_fraction``) are
     shares of all QAT steps; 1.0 means "never" for the freezes.
     """
 
-    epochs: int = 4
-    batch_size: int = 64  # global batch (split over the replicas of a distributed run)
-    learning_rate: float | None = None  # peak rate; unset: learning_rate_fraction x float
-    learning_rate_fraction: float = 0.1  # of model.learning_rate, when learning_rate unset
-    warmup_fraction: float = 0.1  # linear learning-rate warm-up, then cosine decay to 1%
-    quant_delay: float = 0.1  # float training (fake quant off) for this share of steps
-    observer_freeze: float = 0.75  # activation ranges stop moving after this share
-    bn_freeze: float = 0.5  # BatchNorm moving statistics frozen after this share
+    epochs: int = bounded(4, AT_LEAST_0)
+    batch_size: int = bounded(64, AT_LEAST_1)  # global batch (split over the replicas)
+    learning_rate: float | None = bounded(None, POSITIVE)  # peak; unset: fraction x float
+    learning_rate_fraction: float = bounded(0.1, POSITIVE)  # of model.learning_rate
+    warmup_fraction: float = bounded(0.1, FRACTION)  # linear warm-up, cosine decay to 1%
+    quant_delay: float = bounded(0.1, FRACTION)  # float training (fake quant off) first
+    observer_freeze: float = bounded(0.75, FRACTION)  # ranges stop moving after this share
+    bn_freeze: float = bounded(0.5, FRACTION)  # BatchNorm statistics frozen after this
     precision: tuple[PrecisionStep, ...] = ()  # [[qat.precision]] epoch / weight_bits
     distill: bool = False  # knowledge distillation from the float model
-    distill_alpha: float = 0.5  # loss = a*task + (1-a)*T^2*KL(teacher || student)
-    distill_temperature: float = 4.0
+    distill_alpha: float = bounded(0.5, FRACTION)  # a*task + (1-a)*T^2*KL(teacher||student)
+    distill_temperature: float = bounded(4.0, POSITIVE)
     checkpoint_dir: str = ""  # "": the CLI uses <output_dir>.ckpt; resume is automatic
     strategy: str = choice("default", ("default", "mirrored", "multi_worker_mirrored"),
                            "mirrored: all local GPUs (or logical CPUs); "
                            "multi_worker_mirrored: a cluster described by TF_CONFIG")
 
+    def check(self) -> None:
+        epochs = [p.epoch for p in self.precision]
+        if epochs != sorted(set(epochs)):
+            raise FieldError("precision", epochs,
+                             "epochs must be distinct, 0 or more, in increasing order")
+
 
 @dataclass(frozen=True)
-class ConvertConfig:
+class ConvertConfig(Checked):
     """TFLite conversion."""
 
     mode: str = choice("int8", ("int8", "int16x8", "int4_weights"))
 
 
 @dataclass(frozen=True)
-class ValidateConfig:
+class ValidateConfig(Checked):
     """Validation thresholds and latency measurement."""
 
-    max_accuracy_drop: float = 0.005  # QAT int8 vs float, same evaluation set (fraction)
-    latency_runs: int = 50
-    warmup_runs: int = 5
+    max_accuracy_drop: float = bounded(0.005, FRACTION)  # QAT vs float, same eval set
+    latency_runs: int = bounded(50, AT_LEAST_1)
+    warmup_runs: int = bounded(5, AT_LEAST_0)
 
 
 @dataclass(frozen=True)
-class PtqConfig:
+class PtqConfig(Checked):
     """Post-training quantization: activation calibration and weight rounding."""
 
     calibration: str = choice("minmax", ("minmax", "percentile", "mse"),
                               "activation ranges: observed extremes, a percentile, or the "
                               "clipping range with least quantization MSE")
-    percentile: float = 99.99  # calibration = "percentile": clip outside [100-p, p]
-    range_samples: int = 64  # samples whose activations percentile/MSE ranges look at
+    percentile: float = bounded(  # calibration = "percentile": clip outside [100-p, p]
+        99.99, Range(50, 100, lo_open=True, text="must be in (50, 100]"))
+    range_samples: int = bounded(64, AT_LEAST_1)  # samples percentile/MSE ranges look at
     adaround: bool = False  # learn weight rounding (Nagel et al. 2020) before conversion
-    adaround_iterations: int = 300  # optimisation steps per layer
-    adaround_samples: int = 128  # calibration samples AdaRound fits on
+    adaround_iterations: int = bounded(300, AT_LEAST_1)  # optimisation steps per layer
+    adaround_samples: int = bounded(128, AT_LEAST_1)  # calibration samples it fits on
 
 
 @dataclass(frozen=True)
-class AutoConfig:
+class AutoConfig(Checked):
     """``mode = "auto"``: PTQ, then QAT, then higher precision, until within budget.
 
     The budget is ``validate.max_accuracy_drop`` (vs the float model).
@@ -162,28 +270,28 @@ class AutoConfig:
 
     qat: bool = True  # try QAT when PTQ int8 misses the budget
     int16_activations: bool = True  # then try 16x8 (int16 activations, still integer)
-    float_layers: int = 0  # then leave up to this many most sensitive layers in float
+    float_layers: int = bounded(0, AT_LEAST_0)  # then up to this many sensitive layers float
     #                        (0: never; >0 gives up the fully-integer property)
     decide_on: str = choice("test", ("test", "validation"),
                             "split whose accuracy the decisions compare")
 
 
 @dataclass(frozen=True)
-class DiagnosticsConfig:
+class DiagnosticsConfig(Checked):
     """Per-layer quantization error and layer sensitivity in the report."""
 
     enabled: bool = True
-    samples: int = 64  # calibration samples the per-layer comparison runs on
-    worst: int = 3  # layers named in the report's summary
+    samples: int = bounded(64, AT_LEAST_1)  # calibration samples the comparison runs on
+    worst: int = bounded(3, AT_LEAST_0)  # layers named in the report's summary
     sensitivity: bool = False  # rank layers by accuracy regained when left float (slower)
 
 
 @dataclass(frozen=True)
-class PipelineConfig:
+class PipelineConfig(Checked):
     """A whole pipeline: data, model, policy, QAT, conversion, validation."""
 
     name: str = "pipeline"
-    seed: int = 0
+    seed: int = bounded(0, SEED)
     mode: str = choice("qat", ("qat", "auto"), "qat: always fine-tune; auto: see [auto]")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -196,12 +304,40 @@ class PipelineConfig:
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     source: str = ""  # the file it was read from (set by the loader)
 
+    def check(self) -> None:
+        """Rules across tables: what the conversion mode's kernels can load and run."""
+        mode = self.convert.mode
+        rules = [(f"policy.rules[{i}]", r) for i, r in enumerate(self.policy.rules)]
+        for where, rule in [*rules, ("policy.default", self.policy.default)]:
+            if rule.float:
+                continue
+            if mode == "int16x8" and rule.activation_bits != 16:
+                raise FieldError(f"{where}.activation_bits", rule.activation_bits,
+                                 "but convert.mode = 'int16x8' ships 16-bit activations: set "
+                                 "activation_bits = 16 (QAT must train the ranges it ships)")
+            if mode != "int16x8" and rule.activation_bits > 8:
+                raise FieldError(f"{where}.activation_bits", rule.activation_bits,
+                                 f"but convert.mode = {mode!r} has 8-bit activation kernels: "
+                                 "use 2..8, or convert.mode = 'int16x8'")
+            if mode == "int4_weights" and rule.weight_bits < 4:
+                raise FieldError(f"{where}.weight_bits", rule.weight_bits,
+                                 "but convert.mode = 'int4_weights' stores signed 4-bit "
+                                 "weights, and fewer bits give zero points the int4 "
+                                 "kernels refuse: use 4..8")
+        for i, p in enumerate(self.qat.precision):
+            if mode == "int16x8" and p.activation_bits not in (0, 16):
+                raise FieldError(f"qat.precision[{i}].activation_bits", p.activation_bits,
+                                 "but convert.mode = 'int16x8': use 0 or 16")
+            if mode == "int4_weights" and p.weight_bits < 4:
+                raise FieldError(f"qat.precision[{i}].weight_bits", p.weight_bits,
+                                 "but convert.mode = 'int4_weights': use 4..8")
+
 
 # ---------------------------------------------------------------------------- device
 
 
 @dataclass(frozen=True)
-class ConnectionConfig:
+class ConnectionConfig(Checked):
     """How to reach the device, and how hard to try.
 
     ``ssh`` uses the system OpenSSH client (``ssh``/``scp``) with ``BatchMode=yes`` and the
@@ -212,24 +348,30 @@ class ConnectionConfig:
 
     kind: str = choice("local", ("local", "ssh", "adb", "qemu"))
     host: str | None = None  # ssh: [user@]host or an alias from ~/.ssh/config
-    port: int | None = None  # ssh: overrides the ssh config's port
+    port: int | None = bounded(None, PORT)  # ssh: overrides the ssh config's port
     identity_file: str | None = None  # ssh: -i; default: the ssh config / agent
     ssh_config: str | None = None  # ssh: -F FILE instead of ~/.ssh/config
     ssh_options: tuple[str, ...] = ()  # ssh: extra "-o Key=Value" options, as "Key=Value"
-    connect_timeout_s: float = 10.0  # ssh: ConnectTimeout
+    connect_timeout_s: float = bounded(10.0, POSITIVE)  # ssh: ConnectTimeout
     serial: str | None = None  # adb: device serial (-s)
     adb: str = "adb"  # adb: the adb executable
     python: str = "python3"  # interpreter on the device (local/qemu: see below)
     workdir: str = "/tmp/edgeqat"  # scratch directory on the device
     cpu: str = "cortex-a72"  # qemu: QEMU_CPU (cortex-a72: Pi 4, cortex-a76: Pi 5)
     sysroot: str | None = None  # qemu: default $EDGEQAT_SYSROOT or ~/.cache/edgeqat/...
-    retries: int = 3  # extra attempts after a dropped or refused connection
-    retry_backoff_s: float = 2.0  # first back-off; doubles each retry
-    timeout_s: float = 600.0  # one runner invocation
+    retries: int = bounded(3, AT_LEAST_0)  # extra attempts after a dropped connection
+    retry_backoff_s: float = bounded(2.0, AT_LEAST_0)  # first back-off; doubles each retry
+    timeout_s: float = bounded(600.0, POSITIVE)  # one runner invocation
+
+    def check(self) -> None:
+        for opt in self.ssh_options:
+            if "=" not in opt or opt.startswith("-"):
+                raise FieldError("ssh_options", opt, "must look like 'Key=Value' (passed as "
+                                 "-o Key=Value)")
 
 
 @dataclass(frozen=True)
-class DeviceConfig:
+class DeviceConfig(Checked):
     """A device profile: hardware, runtime, delegate, threads, and how to reach it."""
 
     name: str = "local_cpu"
@@ -243,10 +385,17 @@ class DeviceConfig:
         "ai_edge_litert", ("auto", "ai_edge_litert", "tflite_runtime", "tensorflow"))
     delegate: str = choice("xnnpack", ("xnnpack", "edgetpu", "gpu", "none"))
     delegate_device: str | None = None  # edgetpu: "usb", "usb:0", "pci:0"
-    num_threads: int = 1
+    num_threads: int = bounded(1, Range(1, 1024, text="must be 1..1024"))
     allow_cpu_fallback: bool = False  # a missing delegate falls back to CPU (and says so)
     connection: ConnectionConfig = ConnectionConfig()
     source: str = ""
+
+    def check(self) -> None:
+        if self.connection.kind == "ssh" and not self.connection.host:
+            raise FieldError("connection.host", _NO_VALUE,
+                             "is required when connection.kind = 'ssh'")
+        if self.delegate_device and self.delegate != "edgetpu":
+            raise FieldError("delegate_device", _NO_VALUE, "applies only to delegate = 'edgetpu'")
 
 
 # ---------------------------------------------------------------------------- loading
@@ -291,14 +440,12 @@ def _from_table(cls: type, table: dict, prefix: str, file: str) -> Any:
         if key not in fields:
             allowed = ", ".join(sorted(fields))
             raise ConfigError(f"{file}: unknown key '{where}'; allowed here: {allowed}")
-        value = _convert(value, hints[key], where, file)
-        choices = fields[key].metadata.get("choices")
-        if choices and value not in choices:
-            raise ConfigError(
-                f"{file}: {where} = {value!r} is not one of: {', '.join(map(str, choices))}"
-            )
-        kwargs[key] = value
-    return cls(**kwargs)
+        kwargs[key] = _convert(value, hints[key], where, file)
+    try:
+        return cls(**kwargs)
+    except FieldError as e:
+        raise ConfigError(f"{file}: {e.describe(f'{prefix}.{e.key}' if prefix else e.key)}") \
+            from None
 
 
 def _read_toml(path: str | Path, what: str) -> tuple[Path, dict]:
@@ -327,17 +474,35 @@ def _resolve_user(path: str | None, base: Path) -> str | None:
     return _resolve(str(Path(path).expanduser()), base)
 
 
-def load_pipeline(path: str | Path = DEFAULT_PIPELINE) -> PipelineConfig:
-    """Reads a pipeline TOML file.
+def load_pipeline(path: str | Path = DEFAULT_PIPELINE,
+                  overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Reads a pipeline TOML file, with ``overrides`` applied before any check.
 
     Relative paths inside it (``data.path``, ``model.path``) are relative to the file.
+
+    Args:
+      path: the TOML file.
+      overrides: dotted key -> value (``{"qat.epochs": 6}``), as the command line sets
+        them; they pass the same type and range checks as the file's own values, and an
+        error about one says that the command line set it.
 
     Raises:
       ConfigError: the file is missing, malformed, or has a bad key or value.
     """
     path, table = _read_toml(path, "pipeline")
-    cfg = _from_table(PipelineConfig, table, "", str(path))
-    _check_pipeline(cfg, str(path))
+    for key, value in (overrides or {}).items():
+        *tables, last = key.split(".")
+        node = table
+        for t in tables:
+            node = node.setdefault(t, {})
+        node[last] = value
+    try:
+        cfg = _from_table(PipelineConfig, table, "", str(path))
+    except ConfigError as e:
+        hit = [k for k in (overrides or {}) if f" {k} " in f" {e} "]
+        if hit:
+            raise ConfigError(f"{e} (set on the command line)") from None
+        raise
     return dataclasses.replace(
         cfg,
         source=str(path),
@@ -355,105 +520,11 @@ def load_device(path: str | Path = DEFAULT_DEVICE) -> DeviceConfig:
     path, table = _read_toml(path, "device")
     cfg = _from_table(DeviceConfig, table, "", str(path))
     conn = cfg.connection
-    if conn.kind in ("ssh",) and not conn.host:
-        raise ConfigError(f"{path}: connection.host is required when connection.kind = 'ssh'")
-    if cfg.num_threads < 1:
-        raise ConfigError(f"{path}: num_threads = {cfg.num_threads} must be at least 1")
-    if conn.retries < 0 or conn.retry_backoff_s < 0 or conn.timeout_s <= 0:
-        raise ConfigError(f"{path}: connection.retries and retry_backoff_s must be >= 0, "
-                          "timeout_s > 0")
-    for opt in conn.ssh_options:
-        if "=" not in opt or opt.startswith("-"):
-            raise ConfigError(f"{path}: connection.ssh_options entry {opt!r} must look like "
-                              "'Key=Value' (passed as -o Key=Value)")
-    if cfg.delegate_device and cfg.delegate != "edgetpu":
-        raise ConfigError(f"{path}: delegate_device applies only to delegate = 'edgetpu'")
     cfg = dataclasses.replace(cfg, connection=dataclasses.replace(
         conn, identity_file=_resolve_user(conn.identity_file, path),
         ssh_config=_resolve_user(conn.ssh_config, path),
         sysroot=_resolve_user(conn.sysroot, path)))
     return dataclasses.replace(cfg, source=str(path))
-
-
-def _check_pipeline(cfg: PipelineConfig, file: str) -> None:
-    positive = {
-        "model.batch_size": cfg.model.batch_size,
-        "qat.batch_size": cfg.qat.batch_size,
-        "data.calibration_samples": cfg.data.calibration_samples,
-        "validate.latency_runs": cfg.validate.latency_runs,
-        "ptq.range_samples": cfg.ptq.range_samples,
-        "ptq.adaround_iterations": cfg.ptq.adaround_iterations,
-        "ptq.adaround_samples": cfg.ptq.adaround_samples,
-        "diagnostics.samples": cfg.diagnostics.samples,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{file}: {key} = {value} must be at least 1")
-    for key, value in {"model.epochs": cfg.model.epochs, "qat.epochs": cfg.qat.epochs}.items():
-        if value < 0:
-            raise ConfigError(f"{file}: {key} = {value} must be 0 or more")
-    if cfg.data.name == "npz" and not cfg.data.path:
-        raise ConfigError(f"{file}: data.path is required when data.name = 'npz'")
-    if not 0 <= cfg.validate.max_accuracy_drop <= 1:
-        raise ConfigError(f"{file}: validate.max_accuracy_drop must be a fraction in [0, 1]")
-    if not 50 < cfg.ptq.percentile <= 100:
-        raise ConfigError(f"{file}: ptq.percentile = {cfg.ptq.percentile} must be in (50, 100]")
-    if cfg.auto.float_layers < 0:
-        raise ConfigError(f"{file}: auto.float_layers = {cfg.auto.float_layers} must be 0 or more")
-    if not 0 <= cfg.data.validation_fraction < 1:
-        raise ConfigError(f"{file}: data.validation_fraction must be in [0, 1)")
-    rules = [(f"policy.rules[{i}]", r) for i, r in enumerate(cfg.policy.rules)]
-    for where, rule in [*rules, ("policy.default", cfg.policy.default)]:
-        _check_rule(rule, where, file)
-        if cfg.convert.mode == "int16x8" and not rule.float and rule.activation_bits != 16:
-            raise ConfigError(
-                f"{file}: {where}.activation_bits = {rule.activation_bits} but convert.mode "
-                "= 'int16x8' ships 16-bit activations: set activation_bits = 16 (QAT must "
-                "train the ranges it ships)")
-    _check_qat(cfg.qat, file)
-    for i, p in enumerate(cfg.qat.precision):
-        if cfg.convert.mode == "int16x8" and p.activation_bits not in (0, 16):
-            raise ConfigError(f"{file}: qat.precision[{i}].activation_bits = "
-                              f"{p.activation_bits} but convert.mode = 'int16x8': use 0 or 16")
-
-
-def _check_qat(q: QatConfig, file: str) -> None:
-    fractions = {"quant_delay": q.quant_delay, "observer_freeze": q.observer_freeze,
-                 "bn_freeze": q.bn_freeze, "warmup_fraction": q.warmup_fraction,
-                 "distill_alpha": q.distill_alpha}
-    for key, value in fractions.items():
-        if not 0 <= value <= 1:
-            raise ConfigError(f"{file}: qat.{key} = {value} must be a fraction in [0, 1]")
-    if q.learning_rate is not None and q.learning_rate <= 0:
-        raise ConfigError(f"{file}: qat.learning_rate = {q.learning_rate} must be positive")
-    if q.learning_rate_fraction <= 0:
-        raise ConfigError(f"{file}: qat.learning_rate_fraction must be positive")
-    if q.distill_temperature <= 0:
-        raise ConfigError(f"{file}: qat.distill_temperature must be positive")
-    epochs = [p.epoch for p in q.precision]
-    if epochs != sorted(set(epochs)) or any(e < 0 for e in epochs):
-        raise ConfigError(f"{file}: qat.precision epochs {epochs} must be distinct, "
-                          "0 or more, in increasing order")
-    for i, p in enumerate(q.precision):
-        if not 2 <= p.weight_bits <= 8:
-            raise ConfigError(f"{file}: qat.precision[{i}].weight_bits = {p.weight_bits} "
-                              "must be 2..8")
-        if p.activation_bits and not 2 <= p.activation_bits <= 16:
-            raise ConfigError(f"{file}: qat.precision[{i}].activation_bits = "
-                              f"{p.activation_bits} must be 0 (keep) or 2..16")
-
-
-def _check_rule(rule: RuleConfig, where: str, file: str) -> None:
-    for key in ("layers", "classes"):
-        try:
-            re.compile(getattr(rule, key))
-        except re.error as e:
-            raise ConfigError(f"{file}: {where}.{key} is not a valid regex: {e}") from None
-    if not 2 <= rule.weight_bits <= 8:
-        raise ConfigError(f"{file}: {where}.weight_bits = {rule.weight_bits} must be 2..8")
-    if not 2 <= rule.activation_bits <= 16:
-        raise ConfigError(
-            f"{file}: {where}.activation_bits = {rule.activation_bits} must be 2..16")
 
 
 def to_toml(cfg: Any) -> str:

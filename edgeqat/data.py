@@ -35,6 +35,32 @@ class Dataset:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
+    def check_fits(self, input_shape: tuple, num_outputs: int | None, what: str) -> None:
+        """Raises UserError unless a model with this input shape and number of outputs can
+        train and be evaluated on these splits (``None`` dims accept any size).
+
+        Args:
+          input_shape: the model's input shape without the batch dimension.
+          num_outputs: the size of its last output dimension (the logits).
+          what: how to name the model in the message (e.g. the model file).
+        """
+        want = tuple(input_shape)
+        have = self.input_shape
+        if len(want) != len(have) or any(w not in (None, h) for w, h in zip(want, have,
+                                                                              strict=False)):
+            raise UserError(f"{what} takes inputs of shape {_shape(want)} but the "
+                            f"{self.name} samples have shape {_shape(have)}; reshape the "
+                            "data or use a model built for it")
+        if num_outputs is None:
+            return
+        for split, y in (("y_train", self.y_train), ("y_val", self.y_val),
+                         ("y_test", self.y_test)):
+            bad = np.flatnonzero(y >= num_outputs)
+            if bad.size:
+                raise UserError(f"{self.name}: {split}[{bad[0]}] = {y[bad[0]]} but {what} "
+                                f"has {num_outputs} outputs (labels 0..{num_outputs - 1}); "
+                                "relabel the data or give the model more outputs")
+
     def summary(self) -> dict:
         return {
             "name": self.name,
@@ -70,10 +96,64 @@ def _mnist1d(seed: int) -> tuple[np.ndarray, ...]:
     return x_train, d["y"].astype(np.int32), x_test, d["y_test"].astype(np.int32)
 
 
+def _shape(shape: tuple) -> str:
+    return "(" + ", ".join("any" if d is None else str(d) for d in shape) + ")"
+
+
+def check_arrays(source: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                 y_test: np.ndarray) -> None:
+    """Raises UserError naming ``source``, the array and the first offending index unless
+    the arrays are a usable classification dataset.
+
+    Inputs: numbers, at least 2-D (samples first), finite, equal sample shapes. Labels:
+    numbers with integer values >= 0, one per sample. No split may be empty.
+    """
+    pairs = (("x_train", x_train, "y_train", y_train), ("x_test", x_test, "y_test", y_test))
+    for xn, x, yn, y in pairs:
+        for name, a in ((xn, x), (yn, y)):
+            if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+                raise UserError(f"{source}: {name} has dtype {a.dtype}; edgeqat needs "
+                                "numbers (float or integer arrays)")
+            if a.ndim == 0 or len(a) == 0:
+                raise UserError(f"{source}: {name} is empty; every split needs samples")
+        if x.ndim < 2:
+            raise UserError(f"{source}: {xn} has shape {x.shape}; inputs need a sample "
+                            "axis first and at least one feature axis, e.g. (N, 8, 8, 1)")
+        if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
+            raise UserError(f"{source}: {yn} has shape {y.shape}; labels are class indices, "
+                            "one per sample (N,), not one-hot")
+        if len(x) != len(y):
+            raise UserError(f"{source}: {xn} has {len(x)} samples but {yn} has {len(y)}")
+        flat = x.reshape(len(x), -1)
+        if np.issubdtype(flat.dtype, np.floating):
+            bad = np.flatnonzero(~np.isfinite(flat).all(axis=1))
+            if bad.size:
+                raise UserError(f"{source}: {xn}[{bad[0]}] holds NaN or infinity "
+                                f"({bad.size} sample(s) in all); clean or drop them")
+        labels = y.reshape(-1)
+        if np.issubdtype(labels.dtype, np.floating):
+            bad = np.flatnonzero(~np.isfinite(labels) | (labels != np.round(labels)))
+            if bad.size:
+                raise UserError(f"{source}: {yn}[{bad[0]}] = {labels[bad[0]].item()!r} is not a "
+                                "whole number; labels are class indices 0, 1, 2, ...")
+        bad = np.flatnonzero(labels < 0)
+        if bad.size:
+            raise UserError(f"{source}: {yn}[{bad[0]}] = {labels[bad[0]]} is negative; labels "
+                            "are class indices 0, 1, 2, ...")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise UserError(f"{source}: x_train samples have shape {x_train.shape[1:]} but "
+                        f"x_test samples {x_test.shape[1:]}")
+
+
 def _npz(path: str) -> tuple[np.ndarray, ...]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: data file not found (data.path); pass an existing .npz")
+    with p.open("rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # .npz is a zip archive
+            raise UserError(f"{p}: not a .npz file (data.path); save the arrays with "
+                            "numpy.savez(path, x_train=..., y_train=..., x_test=..., "
+                            "y_test=...)")
     try:
         with np.load(p, allow_pickle=False) as f:
             missing = [k for k in NPZ_KEYS if k not in f.files]
@@ -83,13 +163,15 @@ def _npz(path: str) -> tuple[np.ndarray, ...]:
                     f"{', '.join(NPZ_KEYS)}"
                 )
             arrays = [f[k] for k in NPZ_KEYS]
-    except (ValueError, OSError) as e:
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise UserError(f"{p}: holds Python objects (pickled arrays), which edgeqat does "
+                            "not load; save plain numeric arrays with numpy.savez") from None
+        raise UserError(f"{p}: not a readable .npz file ({e})") from None
+    except OSError as e:
         raise UserError(f"{p}: not a readable .npz file ({e})") from None
     x_train, y_train, x_test, y_test = arrays
-    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
-        raise UserError(f"{p}: x and y lengths differ (x_train/y_train or x_test/y_test)")
-    if x_train.shape[1:] != x_test.shape[1:]:
-        raise UserError(f"{p}: x_train and x_test have different sample shapes")
+    check_arrays(str(p), x_train, y_train, x_test, y_test)
     return (x_train.astype(np.float32), y_train.astype(np.int32).reshape(-1),
             x_test.astype(np.float32), y_test.astype(np.int32).reshape(-1))
 
@@ -112,6 +194,9 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     order = rng.permutation(len(x_train))
     n_val = int(round(len(x_train) * cfg.validation_fraction))
     val, train = order[:n_val], order[n_val:]
+    if not len(train):
+        raise UserError(f"data.validation_fraction = {cfg.validation_fraction} leaves no "
+                        f"training samples of {len(x_train)}; lower it")
     if cfg.eval_samples:
         x_test, y_test = x_test[: cfg.eval_samples], y_test[: cfg.eval_samples]
     calib = rng.permutation(train)[: cfg.calibration_samples]

@@ -7,6 +7,9 @@ keeps its resolution for the classes that matter.
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -108,12 +111,50 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
     Raises:
       UserError: unknown builder, or it returned something that is not a tf_keras model.
     """
-    model = _resolve_builder(cfg.builder)(tuple(input_shape), num_classes)
+    fn = _resolve_builder(cfg.builder)
+    try:
+        inspect.signature(fn).bind(tuple(input_shape), num_classes)
+    except TypeError:
+        raise UserError(f"model.builder = {cfg.builder!r}: {fn.__name__}{_signature(fn)} "
+                        "cannot be called as build(input_shape, num_classes); edgeqat calls "
+                        "it with a shape tuple and the number of classes") from None
+    except ValueError:  # no signature (a builtin): let the call decide
+        pass
+    try:
+        model = fn(tuple(input_shape), num_classes)
+    except Exception as e:  # the user's code: one line naming it and what it raised
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UserError(f"model.builder = {cfg.builder!r} raised {type(e).__name__}"
+                        + (f": {first}" if first else "")
+                        + f" when called as build({tuple(input_shape)}, {num_classes})") \
+            from None
     try:
         require_keras2(model, f"model.builder {cfg.builder!r} returned a model that")
     except TypeError as e:
         raise UserError(str(e)) from None
     return model
+
+
+def _signature(fn: Callable) -> str:
+    try:
+        return str(inspect.signature(fn))
+    except ValueError:
+        return "(...)"
+
+
+def keras3_version(path: Path) -> str | None:
+    """The Keras version that wrote a ``.keras`` zip, if it is Keras 3; else None."""
+    if not (path.is_file() and zipfile.is_zipfile(path)):
+        return None
+    try:
+        with zipfile.ZipFile(path) as z:
+            meta = json.loads(z.read("metadata.json")) if "metadata.json" in z.namelist() \
+                else {}
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+    version = str(meta.get("keras_version", ""))
+    return version if version.split(".")[0].isdigit() and int(version.split(".")[0]) >= 3 \
+        else None
 
 
 def load_model(path: str | Path) -> keras.Model:
@@ -125,6 +166,11 @@ def load_model(path: str | Path) -> keras.Model:
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: model file not found (model.path)")
+    k3 = keras3_version(p)
+    if k3:
+        raise UserError(f"{p}: this is a Keras 3 model (saved by Keras {k3}); edgeqat needs "
+                        "Keras 2 (tf_keras, which tensorflow-model-optimization requires): "
+                        "rebuild it with `import tf_keras as keras` and save it again")
     try:
         model = keras.models.load_model(p, compile=False)
     except Exception as e:  # Keras raises many types for a file that is not a model

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging as std_logging
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -30,6 +29,7 @@ from edgeqat.config import (
     load_pipeline,
 )
 from edgeqat.errors import UserError
+from edgeqat.outputs import OutputDir, claim_checkpoint, is_disk_full, remove_checkpoint
 
 FLAGS = flags.FLAGS
 
@@ -76,6 +76,17 @@ class _Stages:
 
 def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
     """Runs the whole flow. Touches no output directory: see ``write_outputs``."""
+    from edgeqat.data import load_dataset
+    from edgeqat.harness.device import preflight
+
+    stage = _Stages()
+    # What can be checked is checked before any training, and before TensorFlow loads:
+    # the data, then the device (its tools, the connection, runtime and delegate).
+    with stage("data"):
+        data = load_dataset(cfg.data, cfg.seed)
+    with stage("device"):
+        preflight(device)
+
     from edgeqat import (
         annotate,
         convert,
@@ -88,27 +99,32 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
         requant,
         train,
     )
-    from edgeqat.data import load_dataset
+    from edgeqat.config import to_toml
     from edgeqat.edgetpu import edgetpu_report
     from edgeqat.keras import keras, tf
+    from edgeqat.policy import unmatched_rules
     from edgeqat.validate import target_arch, validate_on
 
-    stage = _Stages()
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()
-
-    with stage("data"):
-        data = load_dataset(cfg.data, cfg.seed)
     with stage("float"):
         if cfg.model.path:
             model = models.load_model(cfg.model.path)
+            what = f"model.path {cfg.model.path}"
         else:
             model = models.build_model(cfg.model, data.input_shape, data.num_classes)
+            what = f"model.builder {cfg.model.builder!r}"
+        data.check_fits(model.input_shape[1:], model.output_shape[-1], what)
+        warnings = unmatched_rules(cfg.policy, [(layer.name, type(layer).__name__)
+                                                for layer in model.layers])
+        for w in warnings:
+            logging.warning("%s", w)
         trained = train.train_float(model, data, cfg.model)
     if cfg.mode == "auto":  # PTQ, then QAT, then more precision, until within budget
         from edgeqat.auto import run_auto
 
-        return run_auto(cfg, device, data, trained, stage)
+        result = run_auto(cfg, device, data, trained, stage)
+        return dataclasses.replace(result, report={**result.report, "warnings": warnings})
     with stage("ptq"):
         float_tflite = convert.to_tflite(trained.model, "float")
         ptq_tflite, calibration = ptq.post_training(trained.model, data.x_calib,
@@ -118,7 +134,9 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
                                             sample_x=data.x_calib[:256])
     with stage("qat"):
         tuned = qat.fine_tune(qat_model, data, cfg.qat, teacher=trained.model, seed=cfg.seed,
-                              float_learning_rate=cfg.model.learning_rate)
+                              float_learning_rate=cfg.model.learning_rate,
+                              resume_context=to_toml(dataclasses.replace(
+                                  cfg, qat=dataclasses.replace(cfg.qat, checkpoint_dir=""))))
     with stage("convert"):
         qat_tflite = convert.to_tflite(annotate.prepare_for_export(tuned.model,
                                                                    cfg.convert.mode),
@@ -154,7 +172,7 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
                                   ops, stage.seconds, diagnostics=diag, edgetpu=edgetpu,
                                   storage=inspect.storage(qat_tflite))
     return PipelineResult(cfg, device, data.summary(), trained.model, tuned.model, tflites,
-                          summary)
+                          summary | {"warnings": warnings})
 
 
 @contextmanager
@@ -167,17 +185,16 @@ def _quiet_absl():
         logging.set_verbosity(level)
 
 
-def write_outputs(result: PipelineResult, output_dir: Path) -> Path:
-    """Writes all artifacts into ``output_dir`` atomically (a sibling temp dir, renamed)."""
+def write_outputs(result: PipelineResult, output_dir: Path | OutputDir) -> Path:
+    """Writes all artifacts into ``output_dir`` atomically (a sibling temp dir, renamed).
+
+    ``output_dir`` is replaced only if edgeqat made it (see ``edgeqat.outputs``); a path
+    that is not yet claimed is claimed here.
+    """
     from edgeqat import annotate, report
     from edgeqat.config import to_toml
 
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    def fill(tmp: Path) -> None:
         for name, content in result.tflites.items():
             (tmp / f"{name}.tflite").write_bytes(content)
         if result.qat_model is not None:  # auto mode may ship without QAT
@@ -188,37 +205,46 @@ def write_outputs(result: PipelineResult, output_dir: Path) -> Path:
         (tmp / "pipeline.toml").write_text(to_toml(result.config))
         (tmp / "device.toml").write_text(to_toml(result.device))
         report.write_report(result.report, tmp)
-        old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
-        if output_dir.exists():
-            os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output_dir
+
+    out = output_dir if isinstance(output_dir, OutputDir) else OutputDir(output_dir)
+    claimed_here = not isinstance(output_dir, OutputDir)
+    if claimed_here:
+        out.claim()
+    try:
+        return out.write(fill, {"tool": "edgeqat", "pipeline": result.config.name,
+                                "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    finally:
+        if claimed_here:
+            out.release()
 
 
-def _find(value: str, folder: Path) -> Path:
+def _find(value: str, folder: Path, what: str) -> Path:
     """A path as given, or the name of a TOML file in ``folder``."""
     p = Path(value)
+    if p.is_dir():
+        raise UserError(f"{p}: is a directory; pass a {what} .toml file (or the name of one "
+                        f"in {folder})")
     if p.exists() or p.suffix == ".toml" or "/" in value:
         return p
     return folder / f"{value}.toml"
 
 
-def resolve_configs(pipeline: str, device: str, *, epochs: int | None = None,
-                    float_epochs: int | None = None, seed: int | None = None,
+OVERRIDES = {"epochs": "qat.epochs", "float_epochs": "model.epochs", "seed": "seed"}
+
+
+def resolve_configs(pipeline: str, device: str, **overrides: int | None,
                     ) -> tuple[PipelineConfig, DeviceConfig]:
-    """Loads the pipeline and device files and applies command-line overrides."""
-    cfg = load_pipeline(_find(pipeline, PIPELINES_DIR))
-    dev = load_device(_find(device, DEVICES_DIR))
-    if epochs is not None:
-        cfg = dataclasses.replace(cfg, qat=dataclasses.replace(cfg.qat, epochs=epochs))
-    if float_epochs is not None:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, epochs=float_epochs))
-    if seed is not None:
-        cfg = dataclasses.replace(cfg, seed=seed)
+    """Loads the pipeline and device files and applies command-line overrides.
+
+    ``overrides`` are the flags of ``OVERRIDES`` (``epochs``, ``float_epochs``,
+    ``seed``); each passes the same checks as the key it sets in the file.
+    """
+    unknown = set(overrides) - set(OVERRIDES)
+    if unknown:
+        raise TypeError(f"unknown override(s): {', '.join(sorted(unknown))}")
+    keys = {OVERRIDES[k]: v for k, v in overrides.items() if v is not None}
+    cfg = load_pipeline(_find(pipeline, PIPELINES_DIR, "pipeline"), overrides=keys)
+    dev = load_device(_find(device, DEVICES_DIR, "device"))
     return cfg, dev
 
 
@@ -265,20 +291,50 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         print(f"edgeqat: error: unexpected argument {argv[1]!r}; see --help", file=sys.stderr)
         return 2
+    claimed: list = []  # locks to release
+    ckpt, fresh_ckpt = None, False
     try:
         cfg, dev = resolve_configs(FLAGS.pipeline, FLAGS.device, epochs=FLAGS.epochs,
                                    float_epochs=FLAGS.float_epochs, seed=FLAGS.seed)
-        output_dir = Path(FLAGS.output_dir or Path("runs") / Path(cfg.source).stem)
-        cfg = _with_checkpoint_dir(cfg, output_dir)
+        # Everything that can be checked without training, before training: the output
+        # path (edgeqat's own, writable, not in use), then data, model and device (run()).
+        out = OutputDir(FLAGS.output_dir or Path("runs") / Path(cfg.source).stem)
+        out.claim()
+        claimed.append(out)
+        cfg = _with_checkpoint_dir(cfg, out.path)
+        ckpt = cfg.qat.checkpoint_dir
+        lock, resumable = claim_checkpoint(ckpt)
+        claimed.append(lock)
+        fresh_ckpt = not resumable
         result = run(cfg, dev)
-        write_outputs(result, output_dir)
-        shutil.rmtree(cfg.qat.checkpoint_dir, ignore_errors=True)  # finished: nothing to resume
-    except UserError as e:
-        print(f"edgeqat: error: {e}", file=sys.stderr)
-        return 2
+        write_outputs(result, out)
+        remove_checkpoint(ckpt)  # finished: nothing to resume
+    except KeyboardInterrupt:
+        kept = ckpt and (Path(ckpt) / "state.json").is_file()
+        if ckpt and fresh_ckpt and not kept:
+            remove_checkpoint(ckpt)  # interrupted before QAT saved anything
+        print("edgeqat: interrupted" + (f"; QAT checkpoint kept in {ckpt}: run the same "
+                                        "command again to resume" if kept else ""),
+              file=sys.stderr)
+        return 130
+    except BaseException as e:
+        if ckpt and fresh_ckpt:
+            remove_checkpoint(ckpt)  # a failed run leaves nothing behind
+        if isinstance(e, UserError):
+            print(f"edgeqat: error: {e}", file=sys.stderr)
+            return 2
+        if is_disk_full(e):
+            where = getattr(e, "filename", None) or ckpt or "the output directory"
+            print(f"edgeqat: error: {where}: no space left on the device; free some space "
+                  "or choose another --output_dir", file=sys.stderr)
+            return 2
+        raise
+    finally:
+        for c in reversed(claimed):
+            c.release()
     from edgeqat.report import headline
 
-    print(headline(result.report, output_dir))
+    print(headline(result.report, out.path))
     return 0
 
 

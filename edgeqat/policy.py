@@ -43,6 +43,34 @@ def resolve(policy: PolicyConfig, name: str, class_name: str) -> LayerSpec:
     return LayerSpec.from_rule(policy.default, None)
 
 
+def unmatched_rules(policy: PolicyConfig, layers: Iterable[tuple[str, str]]) -> list[str]:
+    """One warning per rule that decides no layer (a typo in a regex, a renamed layer).
+
+    Args:
+      layers: (name, class name) of every layer of the model as the user built it.
+
+    Returns:
+      Messages naming the rule and its regexes: either it matches no layer, or every layer
+      it matches is taken by an earlier rule (first match wins).
+    """
+    layers = list(layers)
+    decided = {resolve(policy, name, cls).rule for name, cls in layers}
+    out = []
+    for i, rule in enumerate(policy.rules):
+        if i in decided:
+            continue
+        matches = [n for n, c in layers if re.fullmatch(rule.layers, n)
+                   and re.fullmatch(rule.classes, c)]
+        what = (f"policy.rules[{i}] (layers = {rule.layers!r}, classes = {rule.classes!r})")
+        if matches:
+            out.append(f"{what} has no effect: every layer it matches ({', '.join(matches[:5])}"
+                       f"{', ...' if len(matches) > 5 else ''}) is taken by an earlier rule")
+        else:
+            names = ", ".join(n for n, _ in layers[:8]) + (", ..." if len(layers) > 8 else "")
+            out.append(f"{what} matches no layer; the model's layers are: {names}")
+    return out
+
+
 def report_unsupported(layers: Iterable[tuple[str, str, str]]) -> None:
     """Raises one UserError naming every layer annotation cannot quantize.
 

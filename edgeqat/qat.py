@@ -52,6 +52,7 @@ from edgeqat.config import QatConfig, to_toml
 from edgeqat.data import Dataset
 from edgeqat.errors import UserError
 from edgeqat.keras import keras, tf, tfmot
+from edgeqat.outputs import CHECKPOINT_MARKER
 from edgeqat.train import accuracy
 
 _QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
@@ -356,13 +357,21 @@ def _replica_model(qat_model: keras.Model, strategy) -> keras.Model:
 class _Checkpoints:
     """``model`` + ``optimizer`` (its step is the schedule position) every epoch.
 
-    ``state.json`` names the newest complete checkpoint, the config fingerprint it belongs
-    to and the epoch history; it is replaced atomically after the checkpoint is written,
-    so a kill at any moment leaves a consistent pair.
+    ``state.json`` names the newest complete checkpoint, the fingerprint of the run it
+    belongs to (a hash per input that changes the QAT result) and the epoch history; it is
+    replaced atomically after the checkpoint is written, so a kill at any moment leaves a
+    consistent pair. The directory holds ``CHECKPOINT_MARKER``: only such a directory is
+    ever cleared.
     """
 
-    def __init__(self, directory: str, fingerprint: str, model, optimizer, chief: bool):
+    def __init__(self, directory: str, fingerprint: dict, model, optimizer, chief: bool):
         self.directory = Path(directory)
+        if self.directory.is_dir() and any(self.directory.iterdir()) and \
+                not (self.directory / CHECKPOINT_MARKER).is_file():
+            raise UserError(f"{self.directory}: qat.checkpoint_dir holds files that are not "
+                            "an edgeqat checkpoint; choose another directory")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / CHECKPOINT_MARKER).touch()
         self.fingerprint = fingerprint
         self.chief = chief
         self.write_dir = self.directory if chief else Path(tempfile.mkdtemp(prefix="qat-w"))
@@ -370,15 +379,35 @@ class _Checkpoints:
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.write_dir),
                                                   max_to_keep=3, checkpoint_name="qat")
 
-    def restore(self) -> tuple[int, list]:
+    def _state(self) -> dict | None:
         state_file = self.directory / "state.json"
-        if not state_file.is_file():
+        return json.loads(state_file.read_text()) if state_file.is_file() else None
+
+    def stale(self) -> list[str]:
+        """What differs between this run and the checkpoint's (empty: it may resume)."""
+        state = self._state()
+        if state is None:
+            return []
+        theirs = state.get("fingerprint")
+        if not isinstance(theirs, dict):
+            return ["fingerprint format"]
+        return [k for k in sorted(set(theirs) | set(self.fingerprint))
+                if theirs.get(k) != self.fingerprint.get(k)]
+
+    def discard(self) -> None:
+        """Empties the directory (it is edgeqat's: it holds the marker) for a fresh start."""
+        for entry in self.directory.iterdir():
+            if entry.name != CHECKPOINT_MARKER:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+    def peek_step(self) -> int:
+        state = self._state()
+        return int(state.get("step", 0)) if state else 0
+
+    def restore(self) -> tuple[int, list]:
+        state = self._state()
+        if state is None:
             return 0, []
-        state = json.loads(state_file.read_text())
-        if state.get("fingerprint") != self.fingerprint:
-            raise UserError(
-                f"{self.directory}: the checkpoint there belongs to a different QAT setup "
-                "(config, seed, data or model changed); delete the directory to start over")
         self.checkpoint.restore(str(self.directory / state["checkpoint"])).expect_partial()
         return int(state["step"]), list(state["history"])
 
@@ -394,12 +423,44 @@ class _Checkpoints:
         os.replace(tmp, self.directory / "state.json")
 
 
-def _fingerprint(cfg: QatConfig, seed: int, data: Dataset, model: keras.Model,
-                 peak: float) -> str:
-    keep = dataclasses.replace(cfg, checkpoint_dir="")
-    parts = [to_toml(keep), str(seed), str(peak), str(data.x_train.shape),
-             str(int(data.y_train.sum())), str([tuple(w.shape) for w in model.weights])]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+def _digest(*chunks: bytes | str) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c.encode() if isinstance(c, str) else c)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def fingerprint(cfg: QatConfig, seed: int, data: Dataset, model: keras.Model, peak: float,
+                context: str = "") -> dict[str, str]:
+    """One hash per input that changes what QAT produces; a checkpoint resumes only when
+    every one matches.
+
+    Args:
+      cfg, seed, peak: the QAT settings (the checkpoint directory itself excluded).
+      data: every split QAT reads (train, validation, test).
+      model: the model QAT starts from; its weights carry the float training's result.
+      context: what else the caller knows changes the result (the pipeline passes its
+        whole configuration after command-line overrides).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own = version("edgeqat")
+    except PackageNotFoundError:
+        own = "source"
+    weights = model.get_weights()
+    return {
+        "pipeline config": _digest(context),
+        "qat config and seed": _digest(to_toml(dataclasses.replace(cfg, checkpoint_dir="")),
+                                       str(seed), repr(peak)),
+        "starting weights": _digest(*(str(w.shape) + str(w.dtype) for w in weights),
+                                    *(np.ascontiguousarray(w).tobytes() for w in weights)),
+        "data": _digest(*(np.ascontiguousarray(a).tobytes() for a in (
+            data.x_train, data.y_train, data.x_val, data.y_val, data.x_test, data.y_test))),
+        "library versions": _digest(tf.__version__, getattr(tfmot, "__version__", ""),
+                                    np.__version__, own),
+    }
 
 
 class _Interrupt:
@@ -452,7 +513,7 @@ def distillation_loss(y, logits, teacher_logits, alpha: float, temperature: floa
 def fine_tune(qat_model: keras.Model, data: Dataset, cfg: QatConfig, *,
               teacher: keras.Model | None = None, seed: int = 0,
               float_learning_rate: float | None = None,
-              callbacks: list | tuple = ()) -> QatResult:
+              callbacks: list | tuple = (), resume_context: str = "") -> QatResult:
     """Fine-tunes a quantize-applied model following the QAT recipe in ``cfg``.
 
     Args:
@@ -465,13 +526,17 @@ def fine_tune(qat_model: keras.Model, data: Dataset, cfg: QatConfig, *,
         ``cfg.learning_rate_fraction`` of it unless ``cfg.learning_rate`` is set.
       callbacks: Keras callbacks; ``on_train_batch_end`` gets the step's loss, learning
         rate and schedule switches, ``on_epoch_end`` the epoch's summary.
+      resume_context: text covering whatever else changes the result (the pipeline's
+        whole config); a checkpoint resumes only if it, the QAT settings, the starting
+        weights, the data and the library versions all match (see ``fingerprint``), and
+        is otherwise discarded with a warning saying what changed.
 
     Returns:
       A ``QatResult``; ``model`` is ``qat_model`` with its own quantizers (no hooks left).
 
     Raises:
-      UserError: the checkpoint directory holds a checkpoint of a different setup, or
-        distillation is on without a teacher.
+      UserError: the checkpoint directory holds files that are not an edgeqat
+        checkpoint, or distillation is on without a teacher.
       KeyboardInterrupt: after SIGINT, once a checkpoint is saved (when a dir is set).
     """
     start = time.perf_counter()
@@ -503,9 +568,15 @@ def fine_tune(qat_model: keras.Model, data: Dataset, cfg: QatConfig, *,
     hooks = _Hooks(model)
     ckpt = None
     if cfg.checkpoint_dir:
-        Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        ckpt = _Checkpoints(cfg.checkpoint_dir, _fingerprint(cfg, seed, data, model, peak),
+        ckpt = _Checkpoints(cfg.checkpoint_dir,
+                            fingerprint(cfg, seed, data, model, peak, resume_context),
                             model, optimizer, _is_chief(strategy))
+        changed = ckpt.stale()
+        if changed:
+            logging.warning("QAT checkpoint in %s is from a different run (changed: %s); "
+                            "starting QAT from the beginning", cfg.checkpoint_dir,
+                            ", ".join(changed))
+            ckpt.discard()
     cb = keras.callbacks.CallbackList(list(callbacks), model=model)
     events: list = []
     alpha, temp = float(cfg.distill_alpha), float(cfg.distill_temperature)
@@ -559,7 +630,7 @@ def fine_tune(qat_model: keras.Model, data: Dataset, cfg: QatConfig, *,
     try:
         hooks.apply(plan.phase(0))
         if ckpt is not None:
-            hooks.apply(plan.phase(_peek_step(ckpt)))  # bits before restore (LSQ steps)
+            hooks.apply(plan.phase(ckpt.peek_step()))  # bits before restore (LSQ steps)
             step0, history = ckpt.restore()
             if step0:
                 logging.info("QAT resumes at step %d (epoch %d) from %s", step0,
@@ -623,13 +694,6 @@ def fine_tune(qat_model: keras.Model, data: Dataset, cfg: QatConfig, *,
     return QatResult(qat_model, accuracy(qat_model, data.x_test, data.y_test), cfg.epochs,
                      time.perf_counter() - start, tuple(history), tuple(events), replicas,
                      step0)
-
-
-def _peek_step(ckpt: _Checkpoints) -> int:
-    state_file = ckpt.directory / "state.json"
-    if not state_file.is_file():
-        return 0
-    return int(json.loads(state_file.read_text()).get("step", 0))
 
 
 def _describe(phase: Phase) -> str:

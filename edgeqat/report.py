@@ -187,6 +187,8 @@ def to_markdown(r: dict, plots: dict[str, str] | None = None) -> str:
                f"outputs differ, top-1 agreement {_pct(c['top1_agreement'])}") + ".")
     if r.get("edgetpu"):
         lines.append(f"Edge TPU pre-check of `{r['ops']['model']}`: {r['edgetpu']['summary']}.")
+    for w in r.get("warnings") or []:
+        lines.append(f"Warning: {w}.")
     lines += _auto_markdown(r.get("auto"))
     lines += _diagnostics_markdown(r.get("diagnostics") or [])
     ops = r["ops"]

@@ -52,5 +52,5 @@ def test_npz_missing_key_names_it(tmp_path):
 def test_npz_not_a_zip(tmp_path):
     path = tmp_path / "d.npz"
     path.write_text("hello")
-    with pytest.raises(UserError, match="d.npz: not a readable .npz"):
+    with pytest.raises(UserError, match="d.npz: not a .npz file"):
         load_dataset(DataConfig(name="npz", path=str(path)))

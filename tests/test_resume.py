@@ -136,14 +136,29 @@ def test_sigint_saves_a_checkpoint_at_the_current_step(tmp_path, uninterrupted):
     assert abs(resumed["accuracy"] - uninterrupted["accuracy"]) <= 0.005
 
 
-def test_a_checkpoint_of_another_setup_is_refused(tmp_path):
+def test_a_foreign_directory_is_refused_a_stale_checkpoint_says_what_changed(tmp_path):
     from edgeqat.errors import UserError
+    from edgeqat.keras import tf
+    from edgeqat.outputs import CHECKPOINT_MARKER
     from edgeqat.qat import _Checkpoints
 
-    (tmp_path / "state.json").write_text(json.dumps(
-        {"fingerprint": "other", "step": 10, "checkpoint": "qat-10", "history": []}))
-    from edgeqat.keras import tf
+    state = {"fingerprint": {"data": "old", "pipeline config": "same"}, "step": 10,
+             "checkpoint": "qat-10", "history": []}
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "state.json").write_text(json.dumps(state))
+    with pytest.raises(UserError, match="holds files that are not an edgeqat checkpoint"):
+        _Checkpoints(str(foreign), {}, tf.Variable(0.0), tf.Variable(1.0), chief=True)
+    assert (foreign / "state.json").is_file()
 
-    ckpt = _Checkpoints(str(tmp_path), "mine", tf.Variable(0.0), tf.Variable(1.0), chief=True)
-    with pytest.raises(UserError, match="different QAT setup"):
-        ckpt.restore()
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / CHECKPOINT_MARKER).touch()
+    (ours / "state.json").write_text(json.dumps(state))
+    (ours / "qat-10.index").write_text("x")
+    ckpt = _Checkpoints(str(ours), {"data": "new", "pipeline config": "same"},
+                        tf.Variable(0.0), tf.Variable(1.0), chief=True)
+    assert ckpt.stale() == ["data"]
+    ckpt.discard()
+    assert sorted(p.name for p in ours.iterdir()) == [CHECKPOINT_MARKER]
+    assert ckpt.restore() == (0, [])

@@ -88,7 +88,8 @@ def runner_failure(stderr: str, returncode: int) -> str:
 class _Session:
     """A transport plus the files every run needs, reopened after a dropped connection."""
 
-    def __init__(self, device: DeviceConfig, inputs: Path, sleep: Callable[[float], None]):
+    def __init__(self, device: DeviceConfig, inputs: Path | None,
+                 sleep: Callable[[float], None]):
         self.device = device
         self.inputs = inputs
         self.sleep = sleep
@@ -97,8 +98,9 @@ class _Session:
 
     def _open(self) -> None:
         self.transport = open_transport(self.device)
-        self.remote = {"runner": self.transport.put(RUNNER, "runner.py"),
-                       "inputs": self.transport.put(self.inputs, "inputs.npz")}
+        self.remote = {"runner": self.transport.put(RUNNER, "runner.py")}
+        if self.inputs is not None:
+            self.remote["inputs"] = self.transport.put(self.inputs, "inputs.npz")
 
     def _drop(self) -> None:
         if self.transport is not None:
@@ -204,6 +206,26 @@ def run_on_device(device: DeviceConfig, models: dict[str, Path], x: np.ndarray,
         finally:
             session.close()
     return results
+
+
+def preflight(device: DeviceConfig, *, sleep: Callable[[float], None] = time.sleep) -> dict:
+    """Checks, before any training, that the device can run models at all.
+
+    Opens the transport (its tools exist: ssh/scp, adb, qemu and the emulated sysroot;
+    the host answers), copies the runner and runs its ``--probe``: the runtime imports
+    and the delegate loads. Retries as ``run_on_device`` does.
+
+    Returns:
+      The runner's probe JSON (runtime, version, delegate).
+
+    Raises:
+      DeviceError, UserError: as ``run_on_device``, in one line naming the device.
+    """
+    session = _Session(device, None, sleep)
+    try:
+        return _probe(device, session)
+    finally:
+        session.close()
 
 
 def _probe(device: DeviceConfig, session: _Session) -> dict:
