@@ -322,5 +322,6 @@ def test_bad_input_is_one_line_and_leaves_the_disk_as_it_was(case, tmp_path, loc
     assert _snapshot(work) == before  # the user's files intact, nothing new left
 
 
-def test_the_catalogue_is_large_enough():
+def test_the_catalogue_is_large_enough_and_the_readme_counts_it():
     assert len(CATALOGUE) >= 60
+    assert f"a catalogue of {len(CATALOGUE)} bad inputs" in (ROOT / "README.md").read_text()
