@@ -53,10 +53,10 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from edgeqat import annotate, convert, inspect, models, policy, ptq, qat, report, train
-    from edgeqat import quantizers as q
+    from edgeqat import convert, inspect, models, policy, ptq, report, train
     from edgeqat.data import load_dataset
     from edgeqat.diagnostics import tflite_accuracy
+    from edgeqat.flow import quantize_aware
     from edgeqat.keras import keras, tf
     from edgeqat.pipeline import resolve_configs
 
@@ -95,24 +95,24 @@ def main(argv):
     qcfg = dataclasses.replace(cfg.qat, epochs=FLAGS.qat_epochs, learning_rate=FLAGS.qat_lr,
                                quant_delay=0.0, observer_freeze=1.0, bn_freeze=1.0,
                                checkpoint_dir="", distill=FLAGS.distill)
-    policies[f"LSQ w4 a8 (all layers, act={FLAGS.act}, paper init)"] = lsq
+    policies[f"LSQ w4 a8 (all layers, act={FLAGS.act}, paper init)"] = policy.uniform(
+        weight_bits=4, activation_bits=8, weight_quantizer="lsq",
+        activation_quantizer=FLAGS.act, lsq_init="paper")
     for name, pol in policies.items():
         row = {"recipe": name, "tflite_accuracy": [], "keras_accuracy": [], "seconds": []}
-        q.LsqQuantizer.WEIGHT_INIT = "paper" if "paper init" in name else "mse"
         for seed in range(FLAGS.seeds):
             keras.utils.set_random_seed(seed)
-            qat_model = annotate.annotate_model(trained.model, pol,
-                                                sample_x=data.x_calib[:256])
-            tuned = qat.fine_tune(qat_model, data, qcfg, teacher=trained.model, seed=seed,
-                                  float_learning_rate=cfg.model.learning_rate)
-            flat = convert.to_tflite(tuned.model, "int8", qat=True)
-            inspect.require_full_integer(flat, name)
+            # The pipeline's flow (annotate, fine-tune, export, prove), converting on the
+            # trained ranges alone.
+            quantized = quantize_aware(trained, data, "int8", pol, qcfg, seed=seed,
+                                       float_learning_rate=cfg.model.learning_rate,
+                                       calibrate=False)
+            tuned, flat = quantized.tuned, quantized.tflite
             row["tflite_accuracy"].append(tflite_accuracy(flat, xt, yt))
             row["keras_accuracy"].append(tuned.accuracy)
             row["seconds"].append(tuned.seconds)
             print(name, seed, row["tflite_accuracy"][-1], flush=True)
         rows.append(row)
-    q.LsqQuantizer.WEIGHT_INIT = "mse"
 
     ref = rows[0]["tflite_accuracy"][0]
     ptq4 = rows[2]["tflite_accuracy"][0]

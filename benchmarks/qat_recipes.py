@@ -62,10 +62,11 @@ def reading(rows: list[dict]) -> str:
 
 def main(argv):
     del argv
-    from edgeqat import annotate, convert, inspect, models, ptq, qat, report, train
+    from edgeqat import convert, inspect, models, ptq, report, train
     from edgeqat.config import PrecisionStep, RuleConfig
     from edgeqat.data import load_dataset
     from edgeqat.diagnostics import tflite_accuracy
+    from edgeqat.flow import quantize_aware
     from edgeqat.keras import keras, tf
     from edgeqat.pipeline import resolve_configs
 
@@ -105,12 +106,12 @@ def main(argv):
         row = {"recipe": name, "tflite_accuracy": [], "keras_accuracy": [], "seconds": []}
         for seed in range(FLAGS.seeds):
             keras.utils.set_random_seed(seed)
-            qat_model = annotate.annotate_model(trained.model, policy,
-                                                sample_x=data.x_calib[:256])
-            tuned = qat.fine_tune(qat_model, data, qcfg, teacher=trained.model, seed=seed,
-                                  float_learning_rate=cfg.model.learning_rate)
-            flat = convert.to_tflite(tuned.model, "int8", qat=True)
-            inspect.require_full_integer(flat, name)
+            # The pipeline's flow (annotate, fine-tune, export, prove), converting on the
+            # trained ranges alone.
+            quantized = quantize_aware(trained, data, "int8", policy, qcfg, seed=seed,
+                                       float_learning_rate=cfg.model.learning_rate,
+                                       calibrate=False)
+            tuned, flat = quantized.tuned, quantized.tflite
             row["tflite_accuracy"].append(tflite_accuracy(flat, xt, yt))
             row["keras_accuracy"].append(tuned.accuracy)
             row["seconds"].append(round(tuned.seconds, 1))

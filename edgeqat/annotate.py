@@ -33,6 +33,7 @@ from edgeqat.errors import UserError
 from edgeqat.keras import keras, require_keras2, tf, tfmot
 from edgeqat.layers import LAYERS, ChannelAffine, ScalarOp
 from edgeqat.policy import LayerSpec, report_unsupported, resolve
+from edgeqat.quantizers import REGISTRY
 
 L = keras.layers
 KerasTensor = keras.src.engine.keras_tensor.KerasTensor
@@ -44,7 +45,7 @@ from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer
 
 def custom_objects() -> dict:
     """Every custom object an edgeqat QAT model may hold, by class name."""
-    objs = {cls.__name__: cls for cls in qc.QUANTIZERS}
+    objs = dict(REGISTRY)
     objs.update({cls.__name__: cls for cls in qc.CONFIGS})
     objs.update({cls.__name__: cls for cls in LAYERS})
     return objs
@@ -54,32 +55,6 @@ def scope():
     """Context manager for loading a QAT model: tfmot's ``quantize_scope`` plus
     ``custom_objects()``. Nothing is registered globally."""
     return tfmot.quantization.keras.quantize_scope(custom_objects())
-
-
-def prepare_for_export(qat_model: keras.Model, mode: str = "int8",
-                       arch: str | None = None) -> keras.Model:
-    """Returns the model to hand to the converter for ``mode``: ``qat_model``, made to
-    compute what the ``mode`` flatbuffer computes on ``arch`` (default: this machine's
-    CPU), in place.
-
-    No swap is needed: every edgeqat quantizer's inference-mode graph (the one the
-    converter traces with ``training=False``) is a bare FakeQuantWithMinMaxVars[PerChannel]
-    on the learned range; LSQ's custom gradient exists only in training mode. Two things
-    make the Keras model's inference mode equal the kernels':
-
-    * biases are put on the int32 grid TFLite stores them on (``convert.snap_biases``);
-    * where ``mode``'s kernels round differently from the float graph (int4 weights,
-      16x8), the affected outputs round as the kernel does (``requant.install``; left out
-      of the converted graph, and not saved with the model).
-
-    The flatbuffer is the same either way.
-    """
-    from edgeqat import requant
-    from edgeqat.convert import snap_biases
-
-    snap_biases(qat_model)
-    requant.install(qat_model, mode, arch)
-    return qat_model
 
 
 # ---------------------------------------------------------------------------- graph walking
@@ -112,20 +87,6 @@ def _walk(model: keras.Model, inputs: list, visit) -> list:
 def _new_inputs(model: keras.Model) -> list:
     return [keras.Input(shape=kt.shape[1:], dtype=kt.dtype, name=kt.name.split(":")[0])
             for kt in model.inputs]
-
-
-def node_in(model: keras.Model, layer):
-    """``layer``'s call in ``model``'s own graph, or None.
-
-    A layer reused from another model (annotation shares unwrapped pass-through layers,
-    pooling and reshape, between the float, canonical and QAT graphs) has its node for
-    ``model`` later in ``_inbound_nodes``; ``layer._inbound_nodes[0]`` belongs to the
-    first model that called it.
-    """
-    for index, node in enumerate(layer._inbound_nodes):
-        if f"{layer.name}_ib-{index}" in model._network_nodes:
-            return node
-    return None
 
 
 def _consumers(model: keras.Model) -> dict[int, list]:
@@ -527,7 +488,8 @@ def quantize(canon: keras.Model, spec_of) -> keras.Model:
                 layer, weight_kind=spec.weight_quantizer, weight_bits=spec.weight_bits,
                 activation_kind=spec.activation_quantizer,
                 activation_bits=spec.activation_bits,
-                quantize_output=quantize_output and not separate_output)
+                quantize_output=quantize_output and not separate_output,
+                lsq_init=spec.lsq_init)
             out_q = None
             if separate_output and quantize_output:
                 # The wrapper builds its output quantizer from compute_output_shape(query),

@@ -49,7 +49,7 @@ class AutoResult:
     decided_on: str
     sensitivity: object = None  # diagnostics.Sensitivity, when it was needed
     calibration: object = None  # ptq.Calibrated
-    qat: object = None  # qat.QatResult, when QAT ran
+    qat: object = None  # flow.Quantized, when QAT ran
 
     @property
     def missed_by(self) -> float:
@@ -67,7 +67,8 @@ class AutoResult:
 
 def choose(cfg: PipelineConfig, data, trained) -> AutoResult:
     """Runs the auto-mode steps on the trained float model (see the module docstring)."""
-    from edgeqat import annotate, convert, diagnostics, inspect, ptq, qat
+    from edgeqat import convert, diagnostics, ptq
+    from edgeqat.flow import quantize_aware, resume_context
     from edgeqat.train import accuracy
 
     if cfg.auto.decide_on == "validation" and len(data.x_val):
@@ -95,19 +96,14 @@ def choose(cfg: PipelineConfig, data, trained) -> AutoResult:
     extra = f", {cfg.ptq.calibration} ranges" + (", AdaRound" if cfg.ptq.adaround else "")
     record("ptq_int8", f"PTQ int8{extra}", ptq.quantize(cal), time.perf_counter() - start)
 
-    tuned = None
+    quantized = None
     if not done() and cfg.auto.qat:
         start = time.perf_counter()
-        with qat.strategy_scope(cfg.qat.strategy):
-            qat_model = annotate.annotate_model(trained.model, cfg.policy,
-                                                sample_x=data.x_calib[:256])
-        tuned = qat.fine_tune(qat_model, data, cfg.qat, teacher=trained.model, seed=cfg.seed,
-                              float_learning_rate=cfg.model.learning_rate)
-        model = convert.to_tflite(annotate.prepare_for_export(tuned.model, "int8"), "int8",
-                                  qat=True, calibration=data.x_calib)
-        inspect.require_full_integer(model, "qat_int8.tflite")
-        record("qat_int8", f"QAT int8, {cfg.qat.epochs} epoch(s)", model,
-               time.perf_counter() - start)
+        quantized = quantize_aware(trained, data, cfg.convert.mode, cfg.policy, cfg.qat,
+                                   seed=cfg.seed, float_learning_rate=cfg.model.learning_rate,
+                                   context=resume_context(cfg))
+        record(quantized.name, f"QAT {cfg.convert.mode}, {cfg.qat.epochs} epoch(s)",
+               quantized.tflite, time.perf_counter() - start)
 
     sens = None
     if not done() and cfg.auto.int16_activations:
@@ -138,37 +134,28 @@ def choose(cfg: PipelineConfig, data, trained) -> AutoResult:
     within = [d for d in tried if d.within_budget]
     chosen = within[0] if within else max(tried, key=lambda d: (d.accuracy, -tried.index(d)))
     return AutoResult(tuple(decisions), chosen.step, tflites, budget, float_acc, split,
-                      sens, cal, tuned)
+                      sens, cal, quantized)
 
 
-def run_auto(cfg: PipelineConfig, device, data, trained, stage):
-    """The pipeline's stages after the float model, in auto mode; returns PipelineResult."""
-    from edgeqat import convert, inspect, report
-    from edgeqat.pipeline import PipelineResult
-    from edgeqat.validate import validate_on
+def run_auto(cfg: PipelineConfig, device, data, trained, stage, warnings=()):
+    """The pipeline's stages after the float model, in auto mode; returns PipelineResult.
+
+    Auto mode is a policy over the same flow as the pipeline's: its QAT step is
+    ``flow.quantize_aware`` and its validation and report are ``flow.finish``.
+    """
+    from edgeqat import convert
+    from edgeqat.flow import finish
 
     with stage("auto"):
         result = choose(cfg, data, trained)
-    chosen = result.chosen
     tflites = {"float": convert.to_tflite(trained.model, "float")}
     tflites.update(result.tflites)
-    ops = inspect.list_ops(tflites[chosen])
     diag = []
     with stage("diagnose"):
         if cfg.diagnostics.enabled:
             diag = _diagnose(cfg, data, trained, result)
-    with stage("validate"):
-        refs = {"qat_int8": result.qat.model.predict(data.x_test, batch_size=256, verbose=0)} \
-            if result.qat is not None else {}
-        validation = validate_on(device, tflites, data.x_test, data.y_test, references=refs,
-                                 warmup=cfg.validate.warmup_runs,
-                                 runs=cfg.validate.latency_runs)
-    summary = report.build_report(cfg, device, data.summary(), trained, result.qat,
-                                  validation, ops, stage.seconds, diagnostics=diag,
-                                  auto=result)
-    return PipelineResult(cfg, device, data.summary(), trained.model,
-                          result.qat.model if result.qat is not None else None, tflites,
-                          summary)
+    return finish(cfg, device, data, trained, tflites, result.chosen, result.qat, stage,
+                  diagnostics=diag, auto=result, warnings=warnings)
 
 
 def _diagnose(cfg, data, trained, result) -> list:
@@ -177,6 +164,6 @@ def _diagnose(cfg, data, trained, result) -> list:
     x = data.x_calib[: cfg.diagnostics.samples]
     out = [diagnostics.ptq_layer_errors(result.calibration, trained.model, x)]
     if result.qat is not None:
-        out.append(diagnostics.direct_layer_errors(result.tflites["qat_int8"],
-                                                   result.qat.model, x))
+        out.append(diagnostics.direct_layer_errors(result.qat.tflite, result.qat.tuned.model,
+                                                   x, result.qat.name))
     return out

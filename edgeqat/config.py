@@ -166,6 +166,9 @@ class RuleConfig(Checked):
     activation_quantizer: str = choice("moving_average", ACTIVATION_QUANTIZERS,
                                        "relu6: fixed [0, 6] on ReLU6 outputs, moving "
                                        "average elsewhere")
+    lsq_init: str = choice("mse", ("mse", "paper"),
+                           "LSQ weight step init: mse, the per-channel step of least "
+                           "rounding error; paper, 2 mean|w| / sqrt(Qp) (Esser et al.)")
 
     def check(self) -> None:
         for key in ("layers", "classes"):
@@ -307,6 +310,11 @@ class PipelineConfig(Checked):
     def check(self) -> None:
         """Rules across tables: what the conversion mode's kernels can load and run."""
         mode = self.convert.mode
+        if self.mode == "auto" and mode != "int8":
+            raise FieldError("convert.mode", mode,
+                             "but mode = 'auto' starts from int8 and moves to 16x8 itself "
+                             "([auto] int16_activations): leave convert.mode = 'int8', or "
+                             "use mode = 'qat'")
         rules = [(f"policy.rules[{i}]", r) for i, r in enumerate(self.policy.rules)]
         for where, rule in [*rules, ("policy.default", self.policy.default)]:
             if rule.float:

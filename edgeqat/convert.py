@@ -12,105 +12,13 @@ from collections.abc import Iterable
 import numpy as np
 
 from edgeqat import requant
-from edgeqat.keras import keras, quiet_stderr, tf, tfmot
+from edgeqat.graph import activation_bits, has_quantizers
+from edgeqat.keras import keras, quiet_stderr, tf
 
 # The MLIR quantizer prints its settings to stderr on every conversion.
 CONVERTER_NOISE = re.compile(r"^fully_quantize: \d")
 
 MODES = ("float", "int8", "int16x8", "int4_weights")
-
-
-def _activation_bits(model) -> set[int]:
-    """The bit widths of the model's activation (output and input) quantizers."""
-    wrapper_cls, quantize_layer_cls = _wrapper_classes()
-    bits = set()
-    for layer in model.layers:
-        if isinstance(layer, quantize_layer_cls):
-            bits.add(layer.quantizer.num_bits)
-        elif isinstance(layer, wrapper_cls):
-            for q in getattr(layer, "_output_quantizers", None) or []:
-                bits.add(q.num_bits)
-    return bits
-
-
-def _has_quantizers(model) -> bool:
-    return any(isinstance(layer, _wrapper_classes()) for layer in model.layers)
-
-
-def _wrapper_classes():
-    from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import (
-        QuantizeLayer,
-    )
-
-    return tfmot.quantization.keras.QuantizeWrapperV2, QuantizeLayer
-
-
-def _input_scale(layer, model):
-    """The step of the quantizer that produced ``layer``'s (first) input in ``model``, or
-    None.
-
-    Walks back through unwrapped pass-through layers (pooling, reshape), which keep
-    their input's scale in TFLite.
-    """
-    from edgeqat.annotate import node_in
-
-    wrapper_cls, quantize_layer_cls = _wrapper_classes()
-    node = node_in(model, layer)
-    while node is not None:
-        producers = tf.nest.flatten(node.inbound_layers)
-        if len(producers) != 1:
-            return None
-        prod = producers[0]
-        if isinstance(prod, quantize_layer_cls):
-            return prod.quantizer.scale(prod.quantizer_vars)
-        if isinstance(prod, wrapper_cls):
-            if not getattr(prod, "_output_quantizers", None):
-                return None
-            return prod._output_quantizers[0].scale(prod._output_quantizer_vars)
-        if isinstance(prod, keras.layers.InputLayer):
-            return None
-        node = node_in(model, prod)
-    return None
-
-
-def snap_biases(qat_model: keras.Model) -> float:
-    """Puts every quantized layer's bias on the int32 grid TFLite stores it on.
-
-    TFLite quantizes a convolution's or dense layer's bias to int32 with step
-    ``s_in * s_w`` (input step times weight step, per channel); the Keras QAT graph adds
-    the float bias. When ``s_in * s_w`` is not small against the output step (coarse LSQ
-    input steps, 4-bit weights) that rounding moves outputs by a step and flips top-1 on
-    near ties. Snapping the Keras bias to ``round(b / (s_in s_w)) * s_in s_w`` makes the
-    Keras model compute exactly what ships; the flatbuffer is unchanged by it (the
-    converter rounds to the same integers). Changes ``qat_model`` in place.
-
-    Returns:
-      The largest change made to a bias, in units of its grid step (<= 0.5).
-    """
-    wrapper_cls, _ = _wrapper_classes()
-    worst = 0.0
-    for layer in qat_model.layers:
-        if not isinstance(layer, wrapper_cls) or not layer._weight_vars:
-            continue
-        inner = layer.layer
-        bias = getattr(inner, "bias", None)
-        if bias is None or not getattr(inner, "use_bias", True):
-            continue
-        kernel, quantizer, qvars = layer._weight_vars[0]
-        if not hasattr(quantizer, "scale"):
-            continue
-        s_in = _input_scale(layer, qat_model)
-        if s_in is None:
-            continue
-        s_w = quantizer.scale(qvars, kernel)
-        grid = np.asarray(s_in, np.float64) * np.asarray(s_w, np.float64)
-        b = bias.numpy().astype(np.float64)
-        if isinstance(inner, keras.layers.DepthwiseConv2D) and np.size(grid) > 1:
-            grid = grid.reshape(-1)
-        snapped = np.round(b / grid) * grid
-        worst = max(worst, float(np.max(np.abs(snapped - b) / grid)) if b.size else 0.0)
-        bias.assign(snapped.astype(np.float32))
-    return worst
 
 
 # op -> the index of its bias input
@@ -158,7 +66,7 @@ def run_converter(converter) -> bytes:
         return converter.convert()
 
 
-def _representative(x_calib: np.ndarray):
+def representative_dataset(x_calib: np.ndarray):
     def gen() -> Iterable[list[np.ndarray]]:
         for i in range(len(x_calib)):
             x = x_calib[i : i + 1]
@@ -167,7 +75,7 @@ def _representative(x_calib: np.ndarray):
     return gen
 
 
-def _concrete_function(model: keras.Model):
+def concrete_function(model: keras.Model):
     """A batch-1 signature, so the flatbuffer has static shapes (Edge TPU needs them)."""
     spec = [tf.TensorSpec([1, *inp.shape[1:]], inp.dtype, name=inp.name.split(":")[0])
             for inp in model.inputs]
@@ -213,16 +121,16 @@ def to_tflite(model: keras.Model, mode: str = "int8", *,
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    is_qat = qat or _has_quantizers(model)
+    is_qat = qat or has_quantizers(model)
     if mode == "int16x8" and is_qat:
-        low = sorted(_activation_bits(model) - {16})
+        low = sorted(activation_bits(model) - {16})
         if low:
             raise ValueError(f"int16x8 conversion of a QAT model needs 16-bit activation "
                              f"quantizers (found {low}-bit ones): annotate with "
                              f"activation_bits=16")
         calibration = None  # the trained 16-bit ranges are used as they are
     with requant.exporting():  # the flatbuffer rounds for itself
-        fn = _concrete_function(model)
+        fn = concrete_function(model)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], model)
     if mode == "float":
         return run_converter(converter)
@@ -242,7 +150,7 @@ def to_tflite(model: keras.Model, mode: str = "int8", *,
     if calibration is not None:
         # For a QAT model the trained FakeQuant ranges win; calibration only fills the
         # tensors training did not simulate (inside LayerNormalization, attention).
-        converter.representative_dataset = _representative(calibration)
+        converter.representative_dataset = representative_dataset(calibration)
     elif not is_qat:
         raise ValueError(f"{mode} conversion of a float model needs calibration data")
     flat = run_converter(converter)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeqat.graph import node_in
 from edgeqat.keras import keras
 from edgeqat.ptq import WEIGHTED, Calibrated, quantize, verify_target
 
@@ -221,8 +222,7 @@ def tflite_accuracy(model: bytes, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _output_in(model: keras.Model, layer) -> object:
-    """The layer's output tensor in ``model``'s own graph (``annotate.node_in``)."""
-    from edgeqat.annotate import node_in
+    """The layer's output tensor in ``model``'s own graph (``graph.node_in``)."""
 
     node = node_in(model, layer)
     return node.outputs if node is not None else layer.output

@@ -13,8 +13,8 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from absl import app, flags, logging
 
@@ -30,6 +30,9 @@ from edgeqat.config import (
 )
 from edgeqat.errors import UserError
 from edgeqat.outputs import OutputDir, claim_checkpoint, is_disk_full, remove_checkpoint
+
+if TYPE_CHECKING:
+    from edgeqat.flow import PipelineResult
 
 FLAGS = flags.FLAGS
 
@@ -47,33 +50,6 @@ def _define_flags() -> None:
     flags.DEFINE_integer("seed", None, "Override the pipeline seed.")
 
 
-@dataclass(frozen=True)
-class PipelineResult:
-    """Everything a pipeline run produced, in memory; ``write_outputs`` puts it on disk."""
-
-    config: PipelineConfig
-    device: DeviceConfig
-    data: dict
-    float_model: object = field(repr=False)
-    qat_model: object = field(repr=False)  # None when auto mode stopped before QAT
-    tflites: dict = field(repr=False)
-    report: dict = field(repr=False)
-
-
-class _Stages:
-    """Times each stage and logs one line per stage."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
-        yield
-        self.seconds[name] = round(time.perf_counter() - start, 2)
-        logging.info("stage %s done in %.1f s", name, self.seconds[name])
-
-
 def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
     """Runs the whole flow. Touches no output directory: see ``write_outputs``."""
     from edgeqat.data import load_dataset
@@ -87,23 +63,10 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
     with stage("device"):
         preflight(device)
 
-    from edgeqat import (
-        annotate,
-        convert,
-        diagnostics,
-        inspect,
-        models,
-        ptq,
-        qat,
-        report,
-        requant,
-        train,
-    )
-    from edgeqat.config import to_toml
-    from edgeqat.edgetpu import edgetpu_report
+    from edgeqat import convert, diagnostics, inspect, models, ptq, train
+    from edgeqat.flow import finish, quantize_aware, resume_context
     from edgeqat.keras import keras, tf
     from edgeqat.policy import unmatched_rules
-    from edgeqat.validate import target_arch, validate_on
 
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()
@@ -123,30 +86,18 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
     if cfg.mode == "auto":  # PTQ, then QAT, then more precision, until within budget
         from edgeqat.auto import run_auto
 
-        result = run_auto(cfg, device, data, trained, stage)
-        return dataclasses.replace(result, report={**result.report, "warnings": warnings})
+        return run_auto(cfg, device, data, trained, stage, warnings)
+    mode = cfg.convert.mode
     with stage("ptq"):
         float_tflite = convert.to_tflite(trained.model, "float")
-        ptq_tflite, calibration = ptq.post_training(trained.model, data.x_calib,
-                                                    cfg.convert.mode, cfg.ptq)
-    with stage("annotate"), qat.strategy_scope(cfg.qat.strategy):
-        qat_model = annotate.annotate_model(trained.model, cfg.policy,
-                                            sample_x=data.x_calib[:256])
-    with stage("qat"):
-        tuned = qat.fine_tune(qat_model, data, cfg.qat, teacher=trained.model, seed=cfg.seed,
-                              float_learning_rate=cfg.model.learning_rate,
-                              resume_context=to_toml(dataclasses.replace(
-                                  cfg, qat=dataclasses.replace(cfg.qat, checkpoint_dir=""))))
-    with stage("convert"):
-        qat_tflite = convert.to_tflite(annotate.prepare_for_export(tuned.model,
-                                                                   cfg.convert.mode),
-                                       cfg.convert.mode, qat=True,
-                                       calibration=data.x_calib)
-        ops = inspect.require_full_integer(qat_tflite, f"qat_{cfg.convert.mode}.tflite")
-        inspect.require_full_integer(ptq_tflite, f"ptq_{cfg.convert.mode}.tflite")
-        edgetpu = edgetpu_report(qat_tflite)
-    mode = cfg.convert.mode
-    tflites = {"float": float_tflite, f"ptq_{mode}": ptq_tflite, f"qat_{mode}": qat_tflite}
+        ptq_tflite, calibration = ptq.post_training(trained.model, data.x_calib, mode,
+                                                    cfg.ptq)
+        inspect.require_full_integer(ptq_tflite, f"ptq_{mode}.tflite")
+    quantized = quantize_aware(trained, data, mode, cfg.policy, cfg.qat, seed=cfg.seed,
+                               float_learning_rate=cfg.model.learning_rate, stage=stage,
+                               context=resume_context(cfg))
+    tflites = {"float": float_tflite, f"ptq_{mode}": ptq_tflite,
+               quantized.name: quantized.tflite}
     diag = []
     with stage("diagnose"):
         if cfg.diagnostics.enabled:
@@ -154,25 +105,25 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
             if calibration is not None and mode == "int8":
                 diag.append(diagnostics.ptq_layer_errors(calibration, trained.model, x_diag,
                                                          f"ptq_{mode}"))
-            diag.append(diagnostics.direct_layer_errors(qat_tflite, tuned.model, x_diag,
-                                                        f"qat_{mode}"))
-    with stage("validate"):
-        # The exported model (biases snapped, kernel rounding of the device's CPU, which
-        # the diagnostics above took from this machine): what ships, so the report's
-        # Keras QAT accuracy and the agreement come from the same logits.
-        requant.install(tuned.model, mode, target_arch(device))
-        qat_logits = tuned.model.predict(data.x_test, batch_size=256, verbose=0)
-        tuned = dataclasses.replace(tuned, accuracy=float(
-            (qat_logits.argmax(-1) == data.y_test).mean()))
-        validation = validate_on(device, tflites, data.x_test, data.y_test,
-                                 references={f"qat_{mode}": qat_logits},
-                                 warmup=cfg.validate.warmup_runs,
-                                 runs=cfg.validate.latency_runs)
-    summary = report.build_report(cfg, device, data.summary(), trained, tuned, validation,
-                                  ops, stage.seconds, diagnostics=diag, edgetpu=edgetpu,
-                                  storage=inspect.storage(qat_tflite))
-    return PipelineResult(cfg, device, data.summary(), trained.model, tuned.model, tflites,
-                          summary | {"warnings": warnings})
+            diag.append(diagnostics.direct_layer_errors(quantized.tflite,
+                                                        quantized.tuned.model, x_diag,
+                                                        quantized.name))
+    return finish(cfg, device, data, trained, tflites, quantized.name, quantized, stage,
+                  diagnostics=diag, warnings=warnings)
+
+
+class _Stages:
+    """Times each stage and logs one line per stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+        logging.info("stage %s done in %.1f s", name, self.seconds[name])
 
 
 @contextmanager

@@ -28,11 +28,12 @@ class LayerSpec:
     activation_bits: int
     weight_quantizer: str
     activation_quantizer: str
+    lsq_init: str = "mse"
 
     @classmethod
     def from_rule(cls, rule: RuleConfig, index: int | None) -> LayerSpec:
         return cls(index, rule.float, rule.weight_bits, rule.activation_bits,
-                   rule.weight_quantizer, rule.activation_quantizer)
+                   rule.weight_quantizer, rule.activation_quantizer, rule.lsq_init)
 
 
 def resolve(policy: PolicyConfig, name: str, class_name: str) -> LayerSpec:
@@ -94,11 +95,13 @@ def report_unsupported(layers: Iterable[tuple[str, str, str]]) -> None:
 
 def uniform(weight_bits: int = 8, activation_bits: int = 8,
             weight_quantizer: str = "per_channel",
-            activation_quantizer: str = "moving_average") -> PolicyConfig:
+            activation_quantizer: str = "moving_average", lsq_init: str = "mse",
+            ) -> PolicyConfig:
     """A policy with no rules: every layer gets the same scheme."""
     return PolicyConfig(default=RuleConfig(
         weight_bits=weight_bits, activation_bits=activation_bits,
-        weight_quantizer=weight_quantizer, activation_quantizer=activation_quantizer))
+        weight_quantizer=weight_quantizer, activation_quantizer=activation_quantizer,
+        lsq_init=lsq_init))
 
 
 def mixed_precision(first: str, last: str, low_bits: int = 4,

@@ -72,16 +72,16 @@ def calibrate(model: keras.Model, x_calib: np.ndarray, cfg: PtqConfig | None = N
       cfg: calibration method (``minmax``, ``percentile``, ``mse``) and AdaRound options;
         AdaRound, if on, is applied to a copy of ``model`` before calibrating.
     """
-    from edgeqat.convert import _concrete_function, _representative, run_converter
+    from edgeqat.convert import concrete_function, representative_dataset, run_converter
 
     cfg = cfg or PtqConfig()
     if cfg.adaround:
         model = adaround(model, x_calib[: cfg.adaround_samples],
                          iterations=cfg.adaround_iterations)
     converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [_concrete_function(model)], model)
+        [concrete_function(model)], model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = _representative(x_calib)
+    converter.representative_dataset = representative_dataset(x_calib)
     converter.experimental_mlir_quantizer = True
     converter._experimental_calibrate_only = True
     calibrated = run_converter(converter)

@@ -53,6 +53,7 @@ from edgeqat.data import Dataset
 from edgeqat.errors import UserError
 from edgeqat.keras import keras, tf, tfmot
 from edgeqat.outputs import CHECKPOINT_MARKER
+from edgeqat.quantizers import Quantizer
 from edgeqat.train import accuracy
 
 _QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
@@ -163,9 +164,18 @@ class QuantizerSite:
 
     @property
     def is_observer(self) -> bool:
-        """A range tracker: non-trainable min/max state updated from the data it sees."""
+        """A range tracker: state updated from the data it sees, frozen by the schedule.
+
+        edgeqat quantizers say so (``Quantizer.observes_range``). tfmot's own (its
+        default scheme's ``MovingAverageQuantizer``, ``AllValuesQuantizer``) keep the
+        range in non-trainable ``min``/``max`` variables, which is what identifies them.
+        """
+        if self.kind != "activation":
+            return False
+        if isinstance(self.quantizer, Quantizer):
+            return self.quantizer.observes_range
         names = [k.lower() for k in self.variables]
-        return (self.kind == "activation" and bool(self.variables)
+        return (bool(self.variables)
                 and any("min" in n for n in names) and any("max" in n for n in names)
                 and not any(getattr(v, "trainable", False) for v in self.variables.values()))
 
@@ -268,19 +278,15 @@ class _Hooks:
 
 
 def set_bits(site: QuantizerSite, bits: int | None) -> None:
-    """Sets a quantizer's bit width (tfmot's and edgeqat's all keep it in ``num_bits``).
-
-    A learned step size (LSQ's ``step`` variable, where the quantizer exposes ``levels``)
-    is rescaled so that the clipping range stays where training put it.
-    """
+    """Sets a quantizer's bit width: ``Quantizer.set_bits`` for edgeqat's (LSQ keeps its
+    clipping range by rescaling its step), ``num_bits`` for tfmot's own."""
     q = site.quantizer
     if not bits or getattr(q, "num_bits", None) in (None, bits):
         return
-    step = next((v for k, v in site.variables.items() if k == "step"), None)
-    old_qp = q.levels[1] if step is not None and hasattr(q, "levels") else None
-    q.num_bits = int(bits)
-    if old_qp is not None:
-        step.assign(step * (old_qp / q.levels[1]))
+    if isinstance(q, Quantizer):
+        q.set_bits(bits, site.variables)
+    else:
+        q.num_bits = int(bits)
 
 
 # ---------------------------------------------------------------------------- distribution

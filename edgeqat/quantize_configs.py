@@ -23,7 +23,8 @@ import copy
 import functools
 
 from edgeqat import quantizers as q
-from edgeqat.keras import keras, tf, tfmot
+from edgeqat.config import ACTIVATION_QUANTIZERS, WEIGHT_QUANTIZERS
+from edgeqat.keras import keras, tfmot
 from edgeqat.layers import ChannelAffine, ScalarOp
 
 L = keras.layers
@@ -163,47 +164,9 @@ def _serialize(quantizer):
 def _deserialize(config):
     if config is None:
         return None
-    by_name = {cls.__name__: cls for cls in QUANTIZERS}
-    if config["class_name"] not in by_name:
+    if config["class_name"] not in q.REGISTRY:
         raise ValueError(f"unknown edgeqat quantizer {config['class_name']!r}")
-    return by_name[config["class_name"]].from_config(config["config"])
-
-
-class FixedRangeQuantizer(q._Base):
-    """Activation quantizer with a constant range, for ops whose int8 output TFLite fixes.
-
-    Forward:  q(x) = FakeQuantWithMinMaxVars(x, lo, hi): clip to [lo, hi], round to one of
-              2^b levels (sigmoid/softmax: [0, 255/256], scale 1/256; tanh: [-1, 127/128],
-              scale 1/128, the int8 kernels' own output grids).
-    Backward: straight-through inside [lo, hi], zero outside (FakeQuant's gradient).
-    Paper:    fixed output ranges of Jacob et al. 2018 (arXiv:1712.05877), as TFLite's
-              int8 LOGISTIC/SOFTMAX/TANH kernels implement them.
-
-    Lives here, beside the configs that choose it, rather than in ``quantizers``.
-    """
-
-    def __init__(self, num_bits: int = 8, min: float = 0.0, max: float = 1.0):  # noqa: A002
-        q._check_bits(num_bits)
-        self.num_bits = int(num_bits)
-        self.min = float(min)
-        self.max = float(max)
-
-    def build(self, tensor_shape, name, layer):
-        return {}
-
-    def __call__(self, inputs, training, weights, **kwargs):
-        return q.fake_quant(inputs, tf.constant(self.min), tf.constant(self.max),
-                            self.num_bits)
-
-    def scale(self, weights, tensor=None):
-        """FakeQuant's step for the fixed range (what bias snapping needs downstream)."""
-        return q.activation_scale(self.min, self.max, self.num_bits)
-
-    def get_config(self):
-        return {"num_bits": self.num_bits, "min": self.min, "max": self.max}
-
-
-QUANTIZERS = (*q.QUANTIZERS, FixedRangeQuantizer)
+    return q.REGISTRY[config["class_name"]].from_config(config["config"])
 
 
 class LayerQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
@@ -267,38 +230,36 @@ class LayerQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
                 f"{self.output_quantizer!r})")
 
 
-WEIGHT_KINDS = ("per_channel", "per_tensor", "lsq")
-ACTIVATION_KINDS = ("moving_average", "relu6", "pact", "lsq", "percentile", "mse")
-
-
-def weight_quantizer(kind: str, bits: int, per_channel_ok: bool):
-    """A weight quantizer of ``kind``; per channel only where the layer converts that way."""
-    if kind == "per_tensor":
-        return q.PerChannelWeightQuantizer(bits, per_channel=False)
-    if kind == "per_channel":
-        return q.PerChannelWeightQuantizer(bits, per_channel=per_channel_ok)
+def weight_quantizer(kind: str, bits: int, per_channel_ok: bool, lsq_init: str = "mse"):
+    """A weight quantizer of ``kind`` (a policy name, ``config.WEIGHT_QUANTIZERS``); per
+    channel only where the layer converts that way."""
+    if kind not in WEIGHT_QUANTIZERS:
+        raise ValueError(f"weight quantizer {kind!r} is not one of "
+                         f"{', '.join(WEIGHT_QUANTIZERS)}")
     if kind == "lsq":
-        return q.LsqQuantizer(bits, per_channel=per_channel_ok, signed=True, narrow_range=True)
-    raise ValueError(f"weight quantizer {kind!r} is not one of {', '.join(WEIGHT_KINDS)}")
+        return q.LsqQuantizer(bits, per_channel=per_channel_ok, signed=True, narrow_range=True,
+                              init=lsq_init)
+    return q.PerChannelWeightQuantizer(bits, per_channel=kind == "per_channel" and
+                                       per_channel_ok)
 
 
 def activation_quantizer(kind: str, bits: int, layer=None):
-    """An output quantizer of ``kind`` suited to ``layer``'s output sign and bound.
+    """An output quantizer of ``kind`` (a policy name, ``config.ACTIVATION_QUANTIZERS``)
+    suited to ``layer``'s output sign and bound.
 
     ``relu6`` gives the fixed [0, 6] quantizer to layers whose output is ReLU6-bounded
     and the moving-average one to the rest of the layers the rule matches; ``pact`` and
     ``lsq`` use an unsigned grid where the output is provably non-negative.
     """
+    if kind not in ACTIVATION_QUANTIZERS:
+        raise ValueError(f"activation quantizer {kind!r} is not one of "
+                         f"{', '.join(ACTIVATION_QUANTIZERS)}")
     nonneg = layer is not None and is_nonnegative(layer)
     fixed = fixed_output_range(layer) if layer is not None and bits == 8 else None
     if fixed is not None:
-        return FixedRangeQuantizer(bits, *fixed)
-    if kind == "moving_average":
-        return q.MovingAverageRangeQuantizer(bits)
-    if kind == "relu6":
-        if layer is not None and relu_bound(layer) == 6.0:
-            return q.Relu6Quantizer(bits)
-        return q.MovingAverageRangeQuantizer(bits)
+        return q.FixedRangeQuantizer(bits, *fixed)
+    if kind == "relu6" and layer is not None and relu_bound(layer) == 6.0:
+        return q.Relu6Quantizer(bits)
     if kind == "pact":
         return q.PactQuantizer(bits, signed=not nonneg)
     if kind == "lsq":
@@ -307,12 +268,13 @@ def activation_quantizer(kind: str, bits: int, layer=None):
         return q.PercentileQuantizer(bits)
     if kind == "mse":
         return q.MseRangeQuantizer(bits)
-    raise ValueError(f"activation quantizer {kind!r} is not one of {', '.join(ACTIVATION_KINDS)}")
+    return q.MovingAverageRangeQuantizer(bits)  # moving_average, relu6 off ReLU6 outputs
 
 
 def make_quantize_config(layer, *, weight_kind: str = "per_channel", weight_bits: int = 8,
                          activation_kind: str = "moving_average", activation_bits: int = 8,
-                         quantize_output: bool = True) -> LayerQuantizeConfig | None:
+                         quantize_output: bool = True,
+                         lsq_init: str = "mse") -> LayerQuantizeConfig | None:
     """The config for one canonical layer, or None for a pass-through layer.
 
     Raises:
@@ -331,7 +293,7 @@ def make_quantize_config(layer, *, weight_kind: str = "per_channel", weight_bits
     if kind == "weights":
         attrs, per_channel_ok = WEIGHT_ATTRS[type(layer)]
         return LayerQuantizeConfig(attrs, weight_quantizer(weight_kind, weight_bits,
-                                                           per_channel_ok), out)
+                                                           per_channel_ok, lsq_init), out)
     return LayerQuantizeConfig((), None, out)
 
 

@@ -19,6 +19,7 @@ are made unique per layer so a layer with several quantized tensors of one name
 
 from __future__ import annotations
 
+import abc
 import math
 
 import numpy as np
@@ -81,13 +82,71 @@ def _built_once(quantizer, layer, name, make):
     return cache[key]
 
 
-def _check_bits(num_bits: int) -> None:
+def check_bits(num_bits: int) -> None:
+    """Raises ValueError unless ``num_bits`` is a width FakeQuant supports (2..16)."""
     if not 2 <= int(num_bits) <= 16:
-        raise ValueError(f"num_bits = {num_bits} must be 2..16 (FakeQuant's range)")
+        raise ValueError(f"num_bits must be 2..16 (FakeQuant's range). Received: "
+                         f"num_bits={num_bits}")
 
 
-class _Base(_Quantizer):
-    """Equality and serialization by ``get_config`` (what the round-trip tests check)."""
+REGISTRY: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Adds an edgeqat quantizer class to ``REGISTRY`` (class name -> class).
+
+    The registry is what a QAT model's configs serialize to and load from, what
+    ``annotate.custom_objects()`` hands to Keras, and what the shared contract test
+    (tests/test_quantizer_contract.py) runs over. Nothing is registered with Keras.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Quantizer)):
+        raise TypeError(f"only edgeqat Quantizer subclasses register. Received: cls={cls!r}")
+    REGISTRY[cls.__name__] = cls
+    return cls
+
+
+class Quantizer(_Quantizer):
+    """The contract of every edgeqat quantizer, on top of tfmot's ``Quantizer``.
+
+    tfmot's interface (``build(tensor_shape, name, layer) -> dict of variables``,
+    ``__call__(inputs, training, weights)``, ``get_config``) says how a wrapper drives a
+    quantizer. What the rest of edgeqat relies on is declared here, not found by
+    ``hasattr`` or variable names:
+
+    * ``num_bits`` (int): the bit width; change it with ``set_bits``.
+    * ``per_channel`` (bool): per output channel (last axis) rather than per tensor.
+    * ``observes_range`` (class attribute): the range is tracked from the data in
+      non-trainable variables; QAT's observer freeze makes such a quantizer read its
+      stored range instead of updating it. Learned (PACT, LSQ) and fixed ranges: False.
+    * ``export_op``: the one op its inference-mode graph holds (what the converter reads).
+    * ``scale(weights, tensor=None)``: the FakeQuant step for its current state, per
+      channel or scalar; bias snapping and kernel rounding rely on it.
+    * equality, hashing and ``repr`` by ``get_config``; ``from_config(get_config())``
+      rebuilds an equal object.
+    """
+
+    observes_range: bool = False
+    per_channel: bool = False
+    num_bits: int = 8
+
+    @property
+    def export_op(self) -> str:
+        return ("FakeQuantWithMinMaxVarsPerChannel" if self.per_channel
+                else "FakeQuantWithMinMaxVars")
+
+    @abc.abstractmethod
+    def scale(self, weights, tensor=None):
+        """The step of the FakeQuant it emits: ``(max - min) / (levels - 1)``.
+
+        Args:
+          weights: the variables ``build`` returned.
+          tensor: the quantized tensor (weight quantizers read their range from it).
+        """
+
+    def set_bits(self, bits: int, weights: dict) -> None:
+        """Changes the bit width (gradual precision), keeping the clipping range."""
+        check_bits(bits)
+        self.num_bits = int(bits)
 
     def __eq__(self, other):
         return type(self) is type(other) and self.get_config() == other.get_config()
@@ -110,7 +169,8 @@ class _Base(_Quantizer):
 # ---------------------------------------------------------------------------- weights
 
 
-class PerChannelWeightQuantizer(_Base):
+@register
+class PerChannelWeightQuantizer(Quantizer):
     """Symmetric, narrow-range weight quantizer, per output channel (last axis) or per tensor.
 
     Forward:  m = max|w| over every axis but the last (per channel) or over all (per tensor);
@@ -126,7 +186,7 @@ class PerChannelWeightQuantizer(_Base):
     """
 
     def __init__(self, num_bits: int = 8, per_channel: bool = True):
-        _check_bits(num_bits)
+        check_bits(num_bits)
         self.num_bits = int(num_bits)
         self.per_channel = bool(per_channel)
 
@@ -156,7 +216,8 @@ class PerChannelWeightQuantizer(_Base):
 # ---------------------------------------------------------------------------- fixed range
 
 
-class Relu6Quantizer(_Base):
+@register
+class Relu6Quantizer(Quantizer):
     """Fixed-range [0, 6] activation quantizer for ReLU6 outputs; needs no calibration.
 
     Forward:  q(x) = clip(round(x / s), 0, 2^b - 1) * s with s = 6 / (2^b - 1)
@@ -167,7 +228,7 @@ class Relu6Quantizer(_Base):
     """
 
     def __init__(self, num_bits: int = 8):
-        _check_bits(num_bits)
+        check_bits(num_bits)
         self.num_bits = int(num_bits)
 
     def build(self, tensor_shape, name, layer):
@@ -183,18 +244,55 @@ class Relu6Quantizer(_Base):
         return {"num_bits": self.num_bits}
 
 
+# ---------------------------------------------------------------------------- fixed range
+
+
+@register
+class FixedRangeQuantizer(Quantizer):
+    """Activation quantizer with a constant range, for ops whose int8 output TFLite fixes.
+
+    Forward:  q(x) = FakeQuantWithMinMaxVars(x, lo, hi): clip to [lo, hi], round to one of
+              2^b levels (sigmoid/softmax: [0, 255/256], scale 1/256; tanh: [-1, 127/128],
+              scale 1/128, the int8 kernels' own output grids).
+    Backward: straight-through inside [lo, hi], zero outside (FakeQuant's gradient).
+    Paper:    fixed output ranges of Jacob et al. 2018 (arXiv:1712.05877), as TFLite's
+              int8 LOGISTIC/SOFTMAX/TANH kernels implement them.
+    """
+
+    def __init__(self, num_bits: int = 8, min: float = 0.0, max: float = 1.0):  # noqa: A002
+        check_bits(num_bits)
+        self.num_bits = int(num_bits)
+        self.min = float(min)
+        self.max = float(max)
+
+    def build(self, tensor_shape, name, layer):
+        return {}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        return fake_quant(inputs, tf.constant(self.min), tf.constant(self.max), self.num_bits)
+
+    def scale(self, weights, tensor=None):
+        """FakeQuant's step for the fixed range (what bias snapping needs downstream)."""
+        return activation_scale(self.min, self.max, self.num_bits)
+
+    def get_config(self):
+        return {"num_bits": self.num_bits, "min": self.min, "max": self.max}
+
+
 # ---------------------------------------------------------------------------- tracked ranges
 
 
-class _RangeTracker(_Base):
+class _RangeTracker(Quantizer):
     """Asymmetric per-tensor range kept in two non-trainable variables.
 
     Training: the batch statistic (``_batch_range``) is blended into the variables by an
     exponential moving average (the first batch sets them); inference reads them.
     """
 
+    observes_range = True
+
     def __init__(self, num_bits: int = 8, decay: float = 0.99):
-        _check_bits(num_bits)
+        check_bits(num_bits)
         self.num_bits = int(num_bits)
         self.decay = float(decay)
 
@@ -237,6 +335,7 @@ class _RangeTracker(_Base):
         return {"num_bits": self.num_bits, "decay": self.decay}
 
 
+@register
 class MovingAverageRangeQuantizer(_RangeTracker):
     """Asymmetric activation quantizer with a moving-average min/max range.
 
@@ -248,6 +347,7 @@ class MovingAverageRangeQuantizer(_RangeTracker):
     """
 
 
+@register
 class PercentileQuantizer(_RangeTracker):
     """Asymmetric activation quantizer whose range ignores the extreme outliers.
 
@@ -289,6 +389,7 @@ def least_error_ratio(x, quantize, ratios, axes=None, reduce=tf.reduce_mean):
     return tf.gather(ratios, tf.argmin(errors, axis=0))
 
 
+@register
 class MseRangeQuantizer(_RangeTracker):
     """Asymmetric activation quantizer whose range minimises the quantization MSE.
 
@@ -319,7 +420,8 @@ class MseRangeQuantizer(_RangeTracker):
 # ---------------------------------------------------------------------------- learned ranges
 
 
-class PactQuantizer(_Base):
+@register
+class PactQuantizer(Quantizer):
     """PACT: parameterized clipping activation (Choi et al. 2018, arXiv:1805.06085).
 
     Forward:  y = clip(x, 0, a), uniformly quantized on 2^b - 1 steps, or, when ``signed``,
@@ -336,7 +438,7 @@ class PactQuantizer(_Base):
 
     def __init__(self, num_bits: int = 8, signed: bool = False, init_alpha: float = 6.0,
                  alpha_decay: float = 1e-4):
-        _check_bits(num_bits)
+        check_bits(num_bits)
         self.num_bits = int(num_bits)
         self.signed = bool(signed)
         self.init_alpha = float(init_alpha)
@@ -421,7 +523,8 @@ def lsq_fake_quant(x, s, qn: int, qp: int, grad_scale: float, num_bits: int,
     return _lsq(x, s)
 
 
-class LsqQuantizer(_Base):
+@register
+class LsqQuantizer(Quantizer):
     """Learned Step Size Quantization (Esser et al. 2019, arXiv:1902.08153).
 
     Forward:  q(x) = clip(round(x / s), -Qn, Qp) * s with s a trained variable (one per
@@ -448,18 +551,17 @@ class LsqQuantizer(_Base):
     """
 
     INITS = ("paper", "mse")
-    WEIGHT_INIT = "mse"  # the init of weight quantizers (narrow range) built without one
 
     def __init__(self, num_bits: int = 8, per_channel: bool = False, signed: bool = True,
                  narrow_range: bool = False, init: str | None = None):
-        _check_bits(num_bits)
+        check_bits(num_bits)
         self.num_bits = int(num_bits)
         self.per_channel = bool(per_channel)
         self.signed = bool(signed)
         self.narrow_range = bool(narrow_range)
         if self.narrow_range and not self.signed:
             raise ValueError("narrow_range applies to signed (weight) LSQ only")
-        self.init = init or (self.WEIGHT_INIT if self.narrow_range else "paper")
+        self.init = init or ("mse" if self.narrow_range else "paper")
         if self.init not in self.INITS:
             raise ValueError(f"LSQ init {init!r} is not one of {', '.join(self.INITS)}")
 
@@ -517,6 +619,12 @@ class LsqQuantizer(_Base):
         return lsq_fake_quant(inputs, s, qn, qp, g, self.num_bits, self.narrow_range,
                               self.per_channel)
 
+    def set_bits(self, bits: int, weights: dict) -> None:
+        """Changes the bit width; the learned step is rescaled so the clip range stays."""
+        old_qp = self.levels[1]
+        super().set_bits(bits, weights)
+        weights["step"].assign(weights["step"] * (old_qp / self.levels[1]))
+
     def scale(self, weights, tensor=None):
         """The step TFLite uses: s (per channel for per-channel weights)."""
         s = np.maximum(np.asarray(weights["step"].numpy(), np.float64), 1e-6)
@@ -530,5 +638,4 @@ class LsqQuantizer(_Base):
                 "signed": self.signed, "narrow_range": self.narrow_range, "init": self.init}
 
 
-QUANTIZERS = (PerChannelWeightQuantizer, Relu6Quantizer, MovingAverageRangeQuantizer,
-              PercentileQuantizer, MseRangeQuantizer, PactQuantizer, LsqQuantizer)
+QUANTIZERS = tuple(REGISTRY.values())  # every registered class, in definition order

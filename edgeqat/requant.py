@@ -22,7 +22,7 @@ layer's result (its own, or that of the ReLU TFLite fuses into it), a step that 
 the kernel on ``arch`` does; the output quantizer then sees an on-grid value and leaves
 it. The step runs only in inference mode and never while ``edgeqat.convert`` traces the
 model (``exporting()``), so training and the flatbuffer are unchanged. It is not saved
-with the model: call ``annotate.prepare_for_export(model, mode)`` again after loading.
+with the model: call ``export.prepare_for_export(model, mode)`` again after loading.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ import threading
 import numpy as np
 
 from edgeqat import quantize_configs as qc
+from edgeqat.graph import input_scale, wrapper_classes
 from edgeqat.keras import keras, tf
+from edgeqat.quantizers import Quantizer
 
 _state = threading.local()
 
@@ -133,16 +135,10 @@ class KernelRounding:
         return self.quantizer(inputs, training, weights, **kwargs)
 
 
-def _wrapper_classes():
-    from edgeqat.convert import _wrapper_classes
-
-    return _wrapper_classes()
-
-
 def _output_site(wrapper):
     """The wrapper whose output quantizer receives ``wrapper``'s result in TFLite: its
     own, or that of a lone ReLU consumer (fused into the kernel)."""
-    wrapper_cls, _ = _wrapper_classes()
+    wrapper_cls, _ = wrapper_classes()
     if getattr(wrapper, "_output_quantizers", None):
         return wrapper
     consumers = [n.outbound_layer for n in wrapper._outbound_nodes]
@@ -197,7 +193,7 @@ def _positions(wrapper) -> int | None:
 
 def remove(model: keras.Model) -> None:
     """Takes installed kernel rounding off ``model`` (in place)."""
-    wrapper_cls, _ = _wrapper_classes()
+    wrapper_cls, _ = wrapper_classes()
     for layer in model.layers:
         if isinstance(layer, wrapper_cls) and getattr(layer, "_output_quantizers", None):
             layer._output_quantizers = [q.quantizer if isinstance(q, KernelRounding) else q
@@ -212,11 +208,9 @@ def install(model: keras.Model, mode: str, arch: str | None = None) -> list[str]
     Returns:
       The names of the layers whose output rounding now follows the kernel.
     """
-    from edgeqat.convert import _input_scale
-
     remove(model)
     arch = arch or host_arch()
-    wrapper_cls, _ = _wrapper_classes()
+    wrapper_cls, _ = wrapper_classes()
     done = []
     for layer in model.layers:
         if not isinstance(layer, wrapper_cls) or not isinstance(layer.layer, _KERNEL_LAYERS) \
@@ -224,8 +218,8 @@ def install(model: keras.Model, mode: str, arch: str | None = None) -> list[str]
             continue
         kernel, wq, wvars = layer._weight_vars[0]
         rule = rule_for(mode, getattr(wq, "num_bits", 8), arch, _positions(layer))
-        site = _output_site(layer) if rule and hasattr(wq, "scale") else None
-        s_in = _input_scale(layer, model) if site is not None else None
+        site = _output_site(layer) if rule and isinstance(wq, Quantizer) else None
+        s_in = input_scale(layer, model) if site is not None else None
         if s_in is None:
             continue
         oq = site._output_quantizers[0]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from edgeqat import annotate, policy
+from edgeqat import annotate, export, policy
 from edgeqat.errors import UserError
 from edgeqat.keras import keras, tf
 
@@ -142,5 +142,5 @@ def test_conv1d_then_relu_becomes_one_fused_conv():
     relus = [w for w in qat.layers if isinstance(getattr(w, "layer", None), L.ReLU)]
     assert [w.layer.name for w in relus] == ["conv_0_relu", "conv_1_relu", "conv_2_relu"]
     ops = [op.name for op in inspect.list_ops(convert.to_tflite(
-        annotate.prepare_for_export(qat), "int8", qat=True, calibration=x[:8]))]
+        export.prepare_for_export(qat), "int8", qat=True, calibration=x[:8]))]
     assert ops.count("CONV_2D") == 4 and "RELU" not in ops

@@ -54,7 +54,11 @@ def test_auto_stops_after_ptq_when_it_meets_the_budget(tmp_path):
     names = {p.name for p in out.iterdir()}
     assert {"report.html", "report.md", "ptq_int8.tflite"} <= names
     assert "qat_model" not in names
-    assert "## Auto mode" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "## Auto mode" in md
+    # The same report sections as a QAT-mode run: one flow produced both.
+    assert result.report["edgetpu"]["summary"] and "Edge TPU pre-check" in md
+    assert result.report["ops"]["storage"]["constants"]
 
 
 @pytest.mark.slow

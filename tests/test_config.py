@@ -45,6 +45,8 @@ def test_defaults_exist():
          "policy.default.activation_bits = 8 but convert.mode = 'int16x8'"),
         ("name = \n", "malformed TOML"),
         ("[model]\nbatch_size = true\n", "model.batch_size = True must be an integer"),
+        ("mode = 'auto'\n[convert]\nmode = 'int4_weights'\n",
+         "convert.mode = 'int4_weights' but mode = 'auto' starts from int8"),
     ],
 )
 def test_bad_pipeline_names_file_and_key(write_toml, text, message):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from edgeqat import convert, inspect
+from edgeqat import convert, export, inspect
 from edgeqat.errors import UserError
 from edgeqat.keras import keras
 
@@ -54,7 +54,7 @@ def test_int16x8_qat_stores_int64_biases_and_runs(small_model):
     m, x = small_model
     qat = annotate.annotate_model(m, policy.uniform(activation_bits=16), sample_x=x)
     qat(x, training=True)
-    content = convert.to_tflite(annotate.prepare_for_export(qat), "int16x8", qat=True)
+    content = convert.to_tflite(export.prepare_for_export(qat), "int16x8", qat=True)
     types = inspect.tensor_types(content)
     assert types.get("int64") == 2 and inspect.float_ops(content) == []  # conv, dense biases
     interp = Interpreter(model_content=content)

@@ -10,7 +10,7 @@ MultiHeadAttention) that carry no FakeQuant.
 import numpy as np
 import pytest
 
-from edgeqat import annotate, convert, inspect, models, policy
+from edgeqat import annotate, convert, export, inspect, models, policy
 from edgeqat.keras import keras
 
 L = keras.layers
@@ -58,7 +58,7 @@ def test_annotate_train_convert_full_integer(name):
     qat.compile(keras.optimizers.SGD(1e-3),
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     assert np.isfinite(qat.train_on_batch(x, RNG.integers(0, 4, 8)))
-    flat = convert.to_tflite(annotate.prepare_for_export(qat), "int8",
+    flat = convert.to_tflite(export.prepare_for_export(qat), "int8",
                              calibration=inputs_for(model, 4), qat=False)
     ops = inspect.require_full_integer(flat, name)  # raises naming any float op
     assert ops

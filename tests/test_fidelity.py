@@ -9,7 +9,7 @@ quantization steps.
 import numpy as np
 import pytest
 
-from edgeqat import annotate, convert, diagnostics, policy
+from edgeqat import annotate, convert, diagnostics, export, policy
 from edgeqat.keras import keras, tf
 
 L = keras.layers
@@ -73,7 +73,7 @@ def test_keras_and_tflite_agree(trained, wq, aq, bits, mode, record_property):
     qat.fit(x_train, y_train, epochs=1, batch_size=64, verbose=0)
     # In place: biases onto TFLite's int32 grid, and where the mode's kernels round
     # differently from float math (int4 weights, 16x8), Keras rounds as they do.
-    annotate.prepare_for_export(qat, mode)
+    export.prepare_for_export(qat, mode)
     flat = convert.to_tflite(qat, mode, calibration=x_train[:32], qat=True)
     y_lite, step = diagnostics.run_tflite(flat, x_test), diagnostics.output_scale(flat)
     y_keras = qat.predict(x_test, verbose=0)

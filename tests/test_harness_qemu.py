@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from edgeqat import export
 from edgeqat.config import DEVICES_DIR, load_device
 from edgeqat.harness import qemu
 from edgeqat.harness.compare import compare_runs
@@ -89,7 +90,7 @@ def test_int4_kernels_round_per_cpu_and_keras_follows_each(sysroot, tmp_path):
                                   policy.uniform(weight_bits=4, weight_quantizer="lsq"),
                                   sample_x=x)
     qat(x, training=True)
-    annotate.prepare_for_export(qat, "int4_weights")
+    export.prepare_for_export(qat, "int4_weights")
     path = tmp_path / "int4.tflite"
     path.write_bytes(convert.to_tflite(qat, "int4_weights", qat=True))
     runs = {arch: run_on_device(load_device(DEVICES_DIR / profile), {"m": path}, x,

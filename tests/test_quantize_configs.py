@@ -10,7 +10,7 @@ and check that the int8 model computes what the Keras QAT model computes.
 import numpy as np
 import pytest
 
-from edgeqat import annotate, convert, diagnostics, inspect, policy
+from edgeqat import annotate, convert, diagnostics, export, inspect, policy
 from edgeqat.config import PolicyConfig, RuleConfig
 from edgeqat.errors import UserError
 from edgeqat.keras import keras, tf
@@ -133,7 +133,7 @@ def test_layer_kinds_convert_full_integer_and_match_keras(name):
     assert any(n.startswith("quant_") for n in wrapped)
     for _ in range(3):  # short calibration: training-mode passes update the ranges
         qat(_inputs(model, 16, rng), training=True)
-    flat = convert.to_tflite(annotate.prepare_for_export(qat), "int8",
+    flat = convert.to_tflite(export.prepare_for_export(qat), "int8",
                              calibration=_inputs(model, 4, rng), qat=True)
     ops = inspect.require_full_integer(flat, name)
     op_names = {op.name for op in ops}

@@ -4,7 +4,7 @@ Keras outputs equal the LiteRT int4 kernels' bit for bit while the flatbuffer is
 import numpy as np
 import pytest
 
-from edgeqat import annotate, convert, diagnostics, inspect, policy, report, requant
+from edgeqat import annotate, convert, diagnostics, export, inspect, policy, report, requant
 from edgeqat.keras import keras, tf
 
 L = keras.layers
@@ -71,7 +71,7 @@ def test_int4_keras_equals_litert_and_flatbuffer_unchanged():
     pol = policy.uniform(weight_bits=4, weight_quantizer="per_channel")
     qat = annotate.annotate_model(_small_model(), pol, sample_x=x)
     qat(x, training=True)  # ranges from data
-    annotate.prepare_for_export(qat, "int8")
+    export.prepare_for_export(qat, "int8")
     assert requant.install(qat, "int8") == []  # XNNPACK rounds once: nothing to emulate
     plain = qat.predict(x, verbose=0)
     flat = convert.to_tflite(qat, "int4_weights", qat=True)
@@ -104,7 +104,7 @@ def test_int4_fully_connected_is_bit_exact_too():
                                   policy.uniform(weight_bits=4, weight_quantizer="per_tensor"),
                                   sample_x=x)
     qat(x, training=True)
-    annotate.prepare_for_export(qat, "int4_weights")
+    export.prepare_for_export(qat, "int4_weights")
     flat = convert.to_tflite(qat, "int4_weights", qat=True)
     assert [op.name for op in inspect.list_ops(flat)] == ["FULLY_CONNECTED"]
     assert requant.rule_for("int4_weights", 4, "aarch64", positions=1) == "double_rounding"

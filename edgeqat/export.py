@@ -1,0 +1,78 @@
+"""Export preparation: make a QAT model compute exactly what its flatbuffer computes.
+
+``prepare_for_export(model, mode, arch)`` snaps biases onto TFLite's int32 grid and
+installs the kernel rounding of ``mode`` on ``arch`` (``edgeqat.requant``). Call it on
+the fine-tuned model before ``convert.to_tflite`` and before comparing the two.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgeqat import requant
+from edgeqat.graph import input_scale, wrapper_classes
+from edgeqat.keras import keras
+from edgeqat.quantizers import Quantizer
+
+
+def prepare_for_export(qat_model: keras.Model, mode: str = "int8",
+                       arch: str | None = None) -> keras.Model:
+    """Returns the model to hand to the converter for ``mode``: ``qat_model``, made to
+    compute what the ``mode`` flatbuffer computes on ``arch`` (default: this machine's
+    CPU), in place.
+
+    No swap is needed: every edgeqat quantizer's inference-mode graph (the one the
+    converter traces with ``training=False``) is a bare FakeQuantWithMinMaxVars[PerChannel]
+    on the learned range; LSQ's custom gradient exists only in training mode. Two things
+    make the Keras model's inference mode equal the kernels':
+
+    * biases are put on the int32 grid TFLite stores them on (``snap_biases``);
+    * where ``mode``'s kernels round differently from the float graph (int4 weights,
+      16x8), the affected outputs round as the kernel does (``requant.install``; left out
+      of the converted graph, and not saved with the model).
+
+    The flatbuffer is the same either way.
+    """
+    snap_biases(qat_model)
+    requant.install(qat_model, mode, arch)
+    return qat_model
+
+
+def snap_biases(qat_model: keras.Model) -> float:
+    """Puts every quantized layer's bias on the int32 grid TFLite stores it on.
+
+    TFLite quantizes a convolution's or dense layer's bias to int32 with step
+    ``s_in * s_w`` (input step times weight step, per channel); the Keras QAT graph adds
+    the float bias. When ``s_in * s_w`` is not small against the output step (coarse LSQ
+    input steps, 4-bit weights) that rounding moves outputs by a step and flips top-1 on
+    near ties. Snapping the Keras bias to ``round(b / (s_in s_w)) * s_in s_w`` makes the
+    Keras model compute exactly what ships; the flatbuffer is unchanged by it (the
+    converter rounds to the same integers). Changes ``qat_model`` in place.
+
+    Returns:
+      The largest change made to a bias, in units of its grid step (<= 0.5).
+    """
+    wrapper_cls, _ = wrapper_classes()
+    worst = 0.0
+    for layer in qat_model.layers:
+        if not isinstance(layer, wrapper_cls) or not layer._weight_vars:
+            continue
+        inner = layer.layer
+        bias = getattr(inner, "bias", None)
+        if bias is None or not getattr(inner, "use_bias", True):
+            continue
+        kernel, quantizer, qvars = layer._weight_vars[0]
+        if not isinstance(quantizer, Quantizer):
+            continue  # tfmot's own quantizers declare no step
+        s_in = input_scale(layer, qat_model)
+        if s_in is None:
+            continue
+        s_w = quantizer.scale(qvars, kernel)
+        grid = np.asarray(s_in, np.float64) * np.asarray(s_w, np.float64)
+        b = bias.numpy().astype(np.float64)
+        if isinstance(inner, keras.layers.DepthwiseConv2D) and np.size(grid) > 1:
+            grid = grid.reshape(-1)
+        snapped = np.round(b / grid) * grid
+        worst = max(worst, float(np.max(np.abs(snapped - b) / grid)) if b.size else 0.0)
+        bias.assign(snapped.astype(np.float32))
+    return worst
