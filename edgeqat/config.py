@@ -19,8 +19,19 @@ from typing import Any
 from edgeqat.errors import ConfigError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-PIPELINES_DIR = PACKAGE_ROOT / "pipelines"
-DEVICES_DIR = PACKAGE_ROOT / "devices"
+# An installed wheel carries copies of the checkout's pipelines/ and devices/ in
+# edgeqat/shipped/ (setup.py puts them there at build time); a checkout, editable install
+# included, reads the top-level folders users edit.
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+
+
+def _reference_dir(name: str) -> Path:
+    shipped = SHIPPED_DIR / name
+    return shipped if shipped.is_dir() else PACKAGE_ROOT / name
+
+
+PIPELINES_DIR = _reference_dir("pipelines")
+DEVICES_DIR = _reference_dir("devices")
 DEFAULT_PIPELINE = PIPELINES_DIR / "digits_dscnn.toml"
 DEFAULT_DEVICE = DEVICES_DIR / "local_cpu.toml"
 
