@@ -81,6 +81,7 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
         convert,
         diagnostics,
         inspect,
+        metadata,
         models,
         ptq,
         qat,
@@ -138,6 +139,7 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
                                                          f"ptq_{mode}"))
             diag.append(diagnostics.direct_layer_errors(qat_tflite, tuned.model, x_diag,
                                                         f"qat_{mode}"))
+    tflites = metadata.with_pipeline_metadata(tflites, cfg, data)  # what ships, validated
     with stage("validate"):
         # The exported model (biases snapped, kernel rounding of the device's CPU, which
         # the diagnostics above took from this machine): what ships, so the report's
