@@ -117,7 +117,8 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
 
 
 def load_model(path: str | Path) -> keras.Model:
-    """Loads a saved tf_keras model (.keras, .h5 or a SavedModel directory).
+    """Loads a saved tf_keras model (.keras, .h5 or a SavedModel directory), or a Keras 3
+    ``.keras`` file, rebuilt as tf_keras by ``edgeqat.keras3_import``.
 
     Raises:
       UserError: the file is missing or is not a Keras model.
@@ -125,6 +126,10 @@ def load_model(path: str | Path) -> keras.Model:
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: model file not found (model.path)")
+    from edgeqat import keras3_import
+
+    if keras3_import.keras3_version(p):  # a Keras 3 .keras file: rebuilt as tf_keras
+        return keras3_import.import_keras3(p).model
     try:
         model = keras.models.load_model(p, compile=False)
     except Exception as e:  # Keras raises many types for a file that is not a model
