@@ -32,10 +32,12 @@ def installed(tmp_path_factory):
                     "--no-build-isolation", "-w", str(tmp / "dist"), str(src)], check=True)
     (wheel,) = (tmp / "dist").glob("edgeqat-*.whl")
     venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-                    "--prefix", str(venv), str(wheel)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
+    # The fresh venv's own pip: this environment's pip with --prefix would first uninstall
+    # the edgeqat installed here (the editable checkout).
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                    str(wheel)], check=True)
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                           capture_output=True, text=True, check=True).stdout.strip()
     (Path(site) / "edgeqat_test_deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
