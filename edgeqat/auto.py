@@ -143,7 +143,7 @@ def choose(cfg: PipelineConfig, data, trained) -> AutoResult:
 
 def run_auto(cfg: PipelineConfig, device, data, trained, stage):
     """The pipeline's stages after the float model, in auto mode; returns PipelineResult."""
-    from edgeqat import convert, inspect, metadata, report
+    from edgeqat import convert, inspect, metadata, op_versions, report
     from edgeqat.pipeline import PipelineResult
     from edgeqat.validate import validate_on
 
@@ -158,6 +158,7 @@ def run_auto(cfg: PipelineConfig, device, data, trained, stage):
         if cfg.diagnostics.enabled:
             diag = _diagnose(cfg, data, trained, result)
     tflites = metadata.with_pipeline_metadata(tflites, cfg, data)  # what ships, validated
+    op_versions.require_loadable(tflites, device)  # before the device sees a model
     with stage("validate"):
         refs = {"qat_int8": result.qat.model.predict(data.x_test, batch_size=256, verbose=0)} \
             if result.qat is not None else {}

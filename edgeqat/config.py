@@ -252,6 +252,10 @@ class DeviceConfig:
     arch: str = ""
     runtime: str = choice(
         "ai_edge_litert", ("auto", "ai_edge_litert", "tflite_runtime", "tensorflow"))
+    # The runtime's version on the device, when known ("2.14.0"): before a model ships,
+    # every op version in it is checked against what that version can load
+    # (edgeqat.op_versions). Empty: not checked.
+    runtime_version: str = ""
     delegate: str = choice("xnnpack", ("xnnpack", "edgetpu", "gpu", "none"))
     delegate_device: str | None = None  # edgetpu: "usb", "usb:0", "pci:0"
     num_threads: int = 1

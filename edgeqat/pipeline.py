@@ -83,6 +83,7 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
         inspect,
         metadata,
         models,
+        op_versions,
         ptq,
         qat,
         report,
@@ -140,6 +141,7 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
             diag.append(diagnostics.direct_layer_errors(qat_tflite, tuned.model, x_diag,
                                                         f"qat_{mode}"))
     tflites = metadata.with_pipeline_metadata(tflites, cfg, data)  # what ships, validated
+    op_versions.require_loadable(tflites, device)  # before the device sees a model
     with stage("validate"):
         # The exported model (biases snapped, kernel rounding of the device's CPU, which
         # the diagnostics above took from this machine): what ships, so the report's
