@@ -20,8 +20,19 @@ from typing import Any
 from edgeqat.errors import ConfigError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-PIPELINES_DIR = PACKAGE_ROOT / "pipelines"
-DEVICES_DIR = PACKAGE_ROOT / "devices"
+# An installed wheel carries copies of the checkout's pipelines/ and devices/ in
+# edgeqat/shipped/ (setup.py puts them there at build time); a checkout, editable install
+# included, reads the top-level folders users edit.
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+
+
+def _reference_dir(name: str) -> Path:
+    shipped = SHIPPED_DIR / name
+    return shipped if shipped.is_dir() else PACKAGE_ROOT / name
+
+
+PIPELINES_DIR = _reference_dir("pipelines")
+DEVICES_DIR = _reference_dir("devices")
 DEFAULT_PIPELINE = PIPELINES_DIR / "digits_dscnn.toml"
 DEFAULT_DEVICE = DEVICES_DIR / "local_cpu.toml"
 
@@ -391,6 +402,10 @@ class DeviceConfig(Checked):
     arch: str = ""
     runtime: str = choice(
         "ai_edge_litert", ("auto", "ai_edge_litert", "tflite_runtime", "tensorflow"))
+    # The runtime's version on the device, when known ("2.14.0"): before a model ships,
+    # every op version in it is checked against what that version can load
+    # (edgeqat.op_versions). Empty: not checked.
+    runtime_version: str = ""
     delegate: str = choice("xnnpack", ("xnnpack", "edgetpu", "gpu", "none"))
     delegate_device: str | None = None  # edgetpu: "usb", "usb:0", "pci:0"
     num_threads: int = bounded(1, Range(1, 1024, text="must be 1..1024"))

@@ -30,6 +30,10 @@ class Dataset:
     y_test: np.ndarray
     x_calib: np.ndarray
     num_classes: int
+    # How the samples were made from raw data, x = (raw - mean) / std (the shipped model's
+    # metadata says so), and the class names when the data has them.
+    normalization: tuple[float, float] = (0.0, 1.0)
+    class_names: tuple[str, ...] = ()
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -176,6 +180,26 @@ def _npz(path: str) -> tuple[np.ndarray, ...]:
             x_test.astype(np.float32), y_test.astype(np.int32).reshape(-1))
 
 
+# Raw pixel values of the 8x8 digits run 0..16; MNIST-1D signals are used as generated.
+NORMALIZATION = {"digits": (0.0, 16.0)}
+DIGIT_NAMES = tuple(str(i) for i in range(10))  # digits and MNIST-1D: the digits 0-9
+
+
+def _class_names(cfg: DataConfig, num_classes: int) -> tuple[str, ...]:
+    """Class names: the digits for the built-in sets, an npz's optional ``class_names``."""
+    if cfg.name in ("digits", "mnist1d"):
+        return DIGIT_NAMES
+    if cfg.name == "npz":
+        with np.load(cfg.path, allow_pickle=False) as f:
+            if "class_names" in f.files:
+                names = tuple(str(n) for n in f["class_names"].reshape(-1))
+                if len(names) != num_classes:
+                    raise UserError(f"{cfg.path}: class_names has {len(names)} entries for "
+                                    f"{num_classes} classes; give one name per class")
+                return names
+    return ()
+
+
 def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     """Loads the dataset named by ``cfg`` and carves validation and calibration subsets.
 
@@ -211,4 +235,6 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
         y_test=y_test,
         x_calib=x_train[calib],
         num_classes=num_classes,
+        normalization=NORMALIZATION.get(cfg.name, (0.0, 1.0)),
+        class_names=_class_names(cfg, num_classes),
     )

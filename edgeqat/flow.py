@@ -12,7 +12,7 @@ import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-from edgeqat import annotate, export, inspect, qat, report, requant
+from edgeqat import annotate, export, inspect, metadata, op_versions, qat, report, requant
 from edgeqat.config import DeviceConfig, PipelineConfig, PolicyConfig, QatConfig, to_toml
 from edgeqat.convert import to_tflite
 from edgeqat.data import Dataset
@@ -108,11 +108,15 @@ def finish(cfg: PipelineConfig, device: DeviceConfig, data: Dataset, trained: Tr
     accuracy comes from the same logits as the agreement.
 
     Args:
-      tflites: name -> flatbuffer, ``float`` first; every one runs on the device.
+      tflites: name -> flatbuffer, ``float`` first; each gets the pipeline's TFLite
+        metadata, is checked against what the device's runtime version can load, and
+        runs on the device.
       shipped: the name of the one that ships (its ops, Edge TPU pre-check and storage
         table go into the report).
       quantized: the QAT result behind ``tflites[quantized.name]``, if any.
     """
+    tflites = metadata.with_pipeline_metadata(tflites, cfg, data)  # what ships, validated
+    op_versions.require_loadable(tflites, device)  # before the device sees a model
     references = {}
     tuned = None
     with stage("validate"):

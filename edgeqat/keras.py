@@ -81,7 +81,8 @@ def require_keras2(model, what: str = "model") -> None:
     if module.startswith("keras"):
         raise TypeError(
             f"{what} is a Keras 3 object ({type(model).__name__} from {module}); edgeqat "
-            "needs Keras 2: build it with `import tf_keras as keras`, or save it to .h5 "
-            "/ SavedModel and load it with edgeqat.models.load_model"
+            "needs Keras 2: build it with `import tf_keras as keras`, or save it with "
+            "model.save('model.keras') and give that file as model.path (edgeqat rebuilds "
+            "Keras 3 files as tf_keras)"
         )
     raise TypeError(f"{what} is a {type(model).__name__}, not a tf_keras Model")

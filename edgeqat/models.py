@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -142,23 +140,9 @@ def _signature(fn: Callable) -> str:
         return "(...)"
 
 
-def keras3_version(path: Path) -> str | None:
-    """The Keras version that wrote a ``.keras`` zip, if it is Keras 3; else None."""
-    if not (path.is_file() and zipfile.is_zipfile(path)):
-        return None
-    try:
-        with zipfile.ZipFile(path) as z:
-            meta = json.loads(z.read("metadata.json")) if "metadata.json" in z.namelist() \
-                else {}
-    except (OSError, ValueError, zipfile.BadZipFile):
-        return None
-    version = str(meta.get("keras_version", ""))
-    return version if version.split(".")[0].isdigit() and int(version.split(".")[0]) >= 3 \
-        else None
-
-
 def load_model(path: str | Path) -> keras.Model:
-    """Loads a saved tf_keras model (.keras, .h5 or a SavedModel directory).
+    """Loads a saved tf_keras model (.keras, .h5 or a SavedModel directory), or a Keras 3
+    ``.keras`` file, rebuilt as tf_keras by ``edgeqat.keras3_import``.
 
     Raises:
       UserError: the file is missing or is not a Keras model.
@@ -166,11 +150,10 @@ def load_model(path: str | Path) -> keras.Model:
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: model file not found (model.path)")
-    k3 = keras3_version(p)
-    if k3:
-        raise UserError(f"{p}: this is a Keras 3 model (saved by Keras {k3}); edgeqat needs "
-                        "Keras 2 (tf_keras, which tensorflow-model-optimization requires): "
-                        "rebuild it with `import tf_keras as keras` and save it again")
+    from edgeqat import keras3_import
+
+    if keras3_import.keras3_version(p):  # a Keras 3 .keras file: rebuilt as tf_keras
+        return keras3_import.import_keras3(p).model
     try:
         model = keras.models.load_model(p, compile=False)
     except Exception as e:  # Keras raises many types for a file that is not a model

@@ -297,10 +297,15 @@ class _RangeTracker(Quantizer):
         self.decay = float(decay)
 
     def build(self, tensor_shape, name, layer):
+        # MEAN aggregation: under a tf.distribute strategy every replica's update is
+        # averaged, so all replicas (and all workers) keep one range; without it each
+        # worker's range followed its own data shard and the workers' converted models
+        # differed (tests/test_multi_worker.py). No effect without a strategy.
         def var(suffix, value):
             return layer.add_weight(_unique(layer, f"{name}_{suffix}"), shape=(),
                                     initializer=keras.initializers.Constant(value),
-                                    trainable=False)
+                                    trainable=False,
+                                    aggregation=tf.VariableAggregation.MEAN)
 
         return _built_once(self, layer, name, lambda: {
             "min": var("min", -6.0), "max": var("max", 6.0), "seen": var("seen", 0.0)})

@@ -64,6 +64,7 @@ def build_report(cfg: PipelineConfig, device: DeviceConfig, data: dict, trained,
         "device": validation.device | {"profile_source": device.source,
                                        "hardware": device.hardware},
         "versions": _versions(),
+        "model": _model_source(cfg),
         "data": data,
         "accuracy": accuracy,
         "budget": budget,
@@ -87,6 +88,17 @@ def build_report(cfg: PipelineConfig, device: DeviceConfig, data: dict, trained,
         "auto": auto.to_dict() if auto is not None else None,
         "stage_seconds": stage_seconds,
     }
+
+
+def _model_source(cfg: PipelineConfig) -> dict:
+    """Where the float model came from; ``imported_from`` names a Keras 3 file's Keras."""
+    if not cfg.model.path:
+        return {"builder": cfg.model.builder}
+    from edgeqat.keras3_import import keras3_version
+
+    version = keras3_version(cfg.model.path)
+    return {"path": cfg.model.path,
+            "imported_from": f"Keras {version}" if version else None}
 
 
 def _versions() -> dict:
@@ -153,6 +165,7 @@ def to_markdown(r: dict, plots: dict[str, str] | None = None) -> str:
         "Host toolchain: " + ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items())
         + ".",
         "",
+        *_model_source_markdown(r.get("model")),
         f"Data: `{r['data']['name']}`, evaluated on {r['data']['test']} test samples "
         f"(the same samples for every model).",
         "",
@@ -208,6 +221,14 @@ def to_markdown(r: dict, plots: dict[str, str] | None = None) -> str:
     for name, path in (plots or {}).items():
         lines += [f"![{FIGURE_TITLES[name]}]({path})", ""]
     return "\n".join(lines)
+
+
+def _model_source_markdown(source: dict | None) -> list[str]:
+    if not source or not source.get("path"):
+        return []
+    how = (f"imported from {source['imported_from']} (rebuilt as tf_keras)"
+           if source.get("imported_from") else "a tf_keras model")
+    return [f"Float model: `{source['path']}`, {how}.", ""]
 
 
 def _storage_markdown(model: str, st: dict | None, limit: int = 30) -> list[str]:

@@ -267,3 +267,15 @@ def emulated_sysroot() -> Path:
         return qemu.setup(log=lambda line: None)
     except qemu.QemuError as e:
         skip_or_fail(f"cannot set up the emulated Raspberry Pi: {e}")
+
+
+def emulated_runtime_site(runtime: str) -> Path:
+    """Builds (or reuses) the sysroot and ``runtime``'s own site directory (tflite-runtime
+    2.14 with numpy 1.26); skips with the reason when it cannot."""
+    from edgeqat.harness import qemu
+
+    sysroot = emulated_sysroot()
+    try:
+        return qemu.setup_runtime(sysroot, runtime, log=lambda line: None)
+    except qemu.QemuError as e:
+        skip_or_fail(f"cannot set up {runtime} for the emulated Raspberry Pi: {e}")

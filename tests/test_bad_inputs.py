@@ -61,7 +61,8 @@ def _keras3_file() -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("metadata.json", json.dumps({"keras_version": "3.11.3"}))
-        z.writestr("config.json", json.dumps({"class_name": "Functional", "config": {}}))
+        z.writestr("config.json", json.dumps({"class_name": "MyNet", "config": {},
+                                              "module": "my_models"}))
     return buf.getvalue()
 
 
@@ -248,8 +249,9 @@ CATALOGUE = [
     ("model-file-missing", pipe("[model]\npath = 'm.keras'\n"), P, "m.keras: model file not found"),
     ("model-file-not-a-model", {**pipe("[model]\npath = 'm.h5'\n"), "m.h5": "not HDF5"}, P,
      "m.h5: not a loadable Keras model"),
-    ("model-file-keras3", {**pipe("[model]\npath = 'm.keras'\n"), "m.keras": _keras3_file()}, P,
-     "Keras 3"),
+    ("model-file-keras3-subclassed",
+     {**pipe("[model]\npath = 'm.keras'\n"), "m.keras": _keras3_file()}, P,
+     "a Keras 3 MyNet model; edgeqat imports Sequential and Functional models only"),
     ("model-input-shape", {**pipe("[model]\npath = 'm4.keras'\n"), "m4.keras": "@model:4:10"}, P,
      "takes inputs of shape (4) but the digits samples have shape (8, 8, 1)"),
     ("labels-beyond-outputs", {**pipe("[model]\npath = 'm3.keras'\n"), "m3.keras": "@model:64:3"},

@@ -11,7 +11,10 @@ directory (``$EDGEQAT_SYSROOT``, else ``~/.cache/edgeqat/rpi4-sysroot``):
   --platform manylinux_2_27_aarch64``, unzipped into ``/usr/local/lib/python3.11/
   dist-packages``;
 * a Cortex-A72 ``/proc/cpuinfo`` inside the sysroot (LiteRT reads it; the host's x86 one
-  makes it crash under emulation).
+  makes it crash under emulation);
+* with ``--runtime tflite_runtime``: tflite-runtime 2.14 and numpy 1.26 (it fails under
+  numpy 2) in their own directory beside the sysroot, ``<sysroot>.tflite_runtime``, put
+  on PYTHONPATH for device profiles with ``runtime = "tflite_runtime"``.
 
 The sysroot is built in a sibling temp directory and renamed into place, so an interrupted
 setup never leaves a half-built cache; a stamp file records the recipe, and a second setup
@@ -58,6 +61,14 @@ DEB_PACKAGES = (
 # aarch64 wheels for the device side. numpy 2 works with ai-edge-litert (not tflite_runtime).
 WHEELS = ("ai-edge-litert==2.3.0", "numpy==2.2.6")
 WHEEL_PLATFORMS = ("manylinux_2_27_aarch64", "manylinux2014_aarch64", "manylinux_2_17_aarch64")
+# Device runtimes whose wheels cannot share the sysroot's site directory: tflite-runtime
+# 2.14 (the last one built for Python 3.11 on aarch64) fails under numpy 2. Each gets its
+# own directory beside the sysroot, first on PYTHONPATH when a profile selects it, so the
+# sysroot (and its recipe, shared with every branch using the cache) stays as it is.
+RUNTIME_WHEELS = {"tflite_runtime": ("tflite-runtime==2.14.0", "numpy==1.26.4")}
+RUNTIME_SMOKE = {"tflite_runtime": "from tflite_runtime import interpreter"}
+# tflite-runtime 2.14's aarch64 wheel is tagged manylinux_2_34 (bookworm has glibc 2.36).
+RUNTIME_PLATFORMS = ("manylinux_2_34_aarch64", *WHEEL_PLATFORMS)
 # Files the runner never needs: dropped to keep the cache (and CI) lean.
 PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/locale", "usr/share/info",
          "usr/lib/python3.11/test", "usr/lib/python3.11/idlelib",
@@ -136,12 +147,81 @@ def _download_debs(dest: Path, work: Path) -> list[Path]:
     return sorted(dest.glob("*.deb"))
 
 
-def _download_wheels(dest: Path) -> list[Path]:
-    platforms = [a for p in WHEEL_PLATFORMS for a in ("--platform", p)]
+def _download_wheels(dest: Path, wheels: tuple[str, ...] = WHEELS,
+                     platforms: tuple[str, ...] = WHEEL_PLATFORMS) -> list[Path]:
+    platforms = [a for p in platforms for a in ("--platform", p)]
     _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
           *platforms, "--python-version", "3.11", "--implementation", "cp",
-          "-d", str(dest), *WHEELS], "pip download (aarch64 wheels)")
+          "-d", str(dest), *wheels], "pip download (aarch64 wheels)")
     return sorted(dest.glob("*.whl"))
+
+
+def runtime_site(sysroot: Path, runtime: str) -> Path | None:
+    """The extra site directory a device runtime needs (None: the sysroot's own)."""
+    if runtime not in RUNTIME_WHEELS:
+        return None
+    return Path(sysroot).parent / f"{Path(sysroot).name}.{runtime}"
+
+
+def _runtime_recipe(runtime: str) -> dict:
+    return {"runtime": runtime, "wheels": list(RUNTIME_WHEELS[runtime]),
+            "platforms": list(RUNTIME_PLATFORMS)}
+
+
+def is_runtime_ready(sysroot: Path, runtime: str) -> bool:
+    """The runtime needs no extra directory, or it exists from the current recipe."""
+    site = runtime_site(sysroot, runtime)
+    if site is None:
+        return True
+    try:
+        stamp = json.loads((site / STAMP).read_text())
+    except (OSError, ValueError):
+        return False
+    return stamp.get("recipe") == _runtime_recipe(runtime)
+
+
+def setup_runtime(sysroot: Path | None, runtime: str, *, force: bool = False,
+                  log=print) -> Path | None:
+    """Builds the sysroot if needed, then ``runtime``'s own site directory; returns it.
+
+    Raises:
+      QemuError: as ``setup``, or the emulated Python cannot import the runtime.
+    """
+    sysroot = setup(sysroot, log=log)
+    site = runtime_site(sysroot, runtime)
+    if site is None or (not force and is_runtime_ready(sysroot, runtime)):
+        return site
+    with open(site.parent / f".{site.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and is_runtime_ready(sysroot, runtime):
+            return site
+        t0 = time.monotonic()
+        work = Path(tempfile.mkdtemp(prefix=f".{runtime}-build-", dir=site.parent))
+        try:
+            root = work / "site"
+            root.mkdir()
+            for whl in _download_wheels(work / "wheels", RUNTIME_WHEELS[runtime],
+                                        RUNTIME_PLATFORMS):
+                with zipfile.ZipFile(whl) as z:
+                    z.extractall(root)
+            p = subprocess.run(
+                command(sysroot, ["-c", f"import numpy; {RUNTIME_SMOKE[runtime]}; "
+                                        "print(numpy.__version__)"]),
+                capture_output=True, text=True, env=environment(pythonpath=root),
+                timeout=300)
+            if p.returncode != 0:
+                raise QemuError(f"{runtime} site setup: the emulated python cannot import "
+                                f"it: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+            (root / STAMP).write_text(json.dumps(
+                {"recipe": _runtime_recipe(runtime), "numpy": p.stdout.strip(),
+                 "built_s": round(time.monotonic() - t0, 1), "bytes": _size(root)}, indent=1))
+            if site.exists():
+                site.rename(work / "old")
+            root.rename(site)
+            log(f"{runtime} site {site} built in {time.monotonic() - t0:.1f} s")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return site
 
 
 def setup(sysroot: Path | None = None, *, force: bool = False, log=print) -> Path:
@@ -213,10 +293,13 @@ def command(sysroot: Path, argv: list[str]) -> list[str]:
     return [qemu_binary(), "-L", str(sysroot), str(sysroot / PYTHON), *argv]
 
 
-def environment(cpu: str = "cortex-a72") -> dict:
-    """The environment for ``command``: the emulated CPU, and no host Python leaking in."""
+def environment(cpu: str = "cortex-a72", pythonpath: Path | None = None) -> dict:
+    """The environment for ``command``: the emulated CPU, and no host Python leaking in;
+    ``pythonpath`` (a runtime's own site directory) goes before the sysroot's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(QEMU_CPU=cpu, PYTHONNOUSERSITE="1", LC_ALL="C")
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
     return env
 
 
@@ -237,17 +320,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sysroot", type=Path, default=None,
                     help="default: $EDGEQAT_SYSROOT or ~/.cache/edgeqat/rpi4-sysroot")
     ap.add_argument("--force", action="store_true", help="rebuild even if cached")
+    ap.add_argument("--runtime", default="ai_edge_litert",
+                    choices=("ai_edge_litert", *RUNTIME_WHEELS),
+                    help="also build this device runtime's own site directory")
     args = ap.parse_args(argv)
     sysroot = args.sysroot or default_sysroot()
     try:
         if args.action == "path":
             print(sysroot)
         elif args.action == "check":
-            ready = is_ready(sysroot)
+            ready = is_ready(sysroot) and is_runtime_ready(sysroot, args.runtime)
             print(f"{sysroot}: {'ready' if ready else 'missing or stale'}")
             return 0 if ready else 1
         else:
             setup(sysroot, force=args.force)
+            setup_runtime(sysroot, args.runtime, force=args.force)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -108,12 +108,19 @@ class QemuTransport(LocalTransport):
             raise qemu.QemuError(
                 f"{device.source or device.name}: no aarch64 sysroot at {self.sysroot}; "
                 "build it with: python -m edgeqat.harness.qemu setup")
+        if not qemu.is_runtime_ready(self.sysroot, device.runtime):
+            raise qemu.QemuError(
+                f"{device.source or device.name}: runtime = {device.runtime!r} needs its "
+                f"own site directory at {qemu.runtime_site(self.sysroot, device.runtime)}; "
+                f"build it with: python -m edgeqat.harness.qemu setup --runtime "
+                f"{device.runtime}")
+        self.site = qemu.runtime_site(self.sysroot, device.runtime)
         super().__init__(device)
         self._qemu = qemu
 
     def _command(self, argv: list[str]) -> tuple[list[str], dict | None]:
         return (self._qemu.command(self.sysroot, argv),
-                self._qemu.environment(self.device.connection.cpu))
+                self._qemu.environment(self.device.connection.cpu, self.site))
 
 
 class SshTransport:

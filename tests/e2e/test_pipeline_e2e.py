@@ -5,7 +5,7 @@ import tomllib
 
 import pytest
 
-from edgeqat import inspect
+from edgeqat import inspect, metadata
 from tests.test_cli import run_cli
 
 
@@ -35,6 +35,10 @@ def test_tiny_pipeline_end_to_end(tiny_pipeline, tmp_path):
     qat = (out / "qat_int8.tflite").read_bytes()
     assert inspect.float_ops(qat) == []
     assert r["size_bytes"]["qat_int8"] == len(qat)
+    # The shipped model carries its metadata (the validated bytes: the sizes match).
+    meta = metadata.read_metadata(qat)
+    assert meta["name"] == "tiny_qat_int8" and meta["inputs"][0]["std"] == [16.0]
+    assert meta["files"]["labels.txt"].split() == [str(i) for i in range(10)]
     assert r["size_bytes"]["qat_int8"] < r["size_bytes"]["float"]
     assert r["agreement"]["qat_int8"]["top1"] >= 0.95
     # The Keras QAT accuracy comes from the logits the agreement compares: they can
