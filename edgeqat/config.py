@@ -75,8 +75,11 @@ def bounded(default: Any, allowed: Range, doc: str = "") -> Any:
 _NO_VALUE = object()
 
 
-class FieldError(ValueError):
+class FieldError(ConfigError, ValueError):
     """A field of a config object holds a value it may not; ``key`` names the field.
+
+    A ``ConfigError`` (so a ``UserError``: one line, exit status 2) wherever a config is
+    made, by the loader, a command-line override or code.
 
     ``key`` is relative to the object that raised it (``"host"``, or ``"connection.host"``
     for a rule across tables); the loader prefixes the table and the file.

@@ -63,6 +63,7 @@ def _keras3_file() -> bytes:
         z.writestr("metadata.json", json.dumps({"keras_version": "3.11.3"}))
         z.writestr("config.json", json.dumps({"class_name": "MyNet", "config": {},
                                               "module": "my_models"}))
+        z.writestr("model.weights.h5", b"")
     return buf.getvalue()
 
 

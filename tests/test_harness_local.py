@@ -217,7 +217,7 @@ def test_runner_cli_is_compatible(model, tmp_path):
 
 
 def test_unknown_transport_kind_is_a_user_error():
-    device = dataclasses.replace(local_device(), connection=dataclasses.replace(
-        local_device().connection, kind="serial"))
-    with pytest.raises(UserError, match="not available"):
-        transports.open_transport(device)
+    """Refused where the profile is made, before any transport is looked up."""
+    with pytest.raises(UserError, match="kind = 'serial' is not one of: local, ssh"):
+        dataclasses.replace(local_device().connection, kind="serial")
+    assert set(transports.TRANSPORTS) == {"local", "ssh", "adb", "qemu"}

@@ -51,7 +51,7 @@ def test_int8_model_runs_on_tflite_runtime_and_agrees_with_litert(site, tmp_path
 
 
 def test_int4_model_passes_the_check_and_loads_in_2_14(site, tmp_path):
-    from edgeqat import annotate, convert, policy
+    from edgeqat import annotate, convert, export, policy
     from edgeqat.keras import keras
 
     keras.utils.set_random_seed(3)
@@ -63,7 +63,7 @@ def test_int4_model_passes_the_check_and_loads_in_2_14(site, tmp_path):
                                   policy.uniform(weight_bits=4, weight_quantizer="lsq"),
                                   sample_x=x)
     qat(x, training=True)
-    annotate.prepare_for_export(qat, "int4_weights")
+    export.prepare_for_export(qat, "int4_weights")
     content = convert.to_tflite(qat, "int4_weights", qat=True)
     needs, _ = op_versions.op_needs(content)
     assert op_versions.OpNeed("CONV_2D", 7, "2.11.0") in needs
