@@ -341,18 +341,20 @@ class PipelineConfig(Checked):
                 raise FieldError(f"{where}.activation_bits", rule.activation_bits,
                                  f"but convert.mode = {mode!r} has 8-bit activation kernels: "
                                  "use 2..8, or convert.mode = 'int16x8'")
-            if mode == "int4_weights" and rule.weight_bits < 4:
+            if rule.weight_bits < 4:
                 raise FieldError(f"{where}.weight_bits", rule.weight_bits,
-                                 "but convert.mode = 'int4_weights' stores signed 4-bit "
-                                 "weights, and fewer bits give zero points the int4 "
-                                 "kernels refuse: use 4..8")
+                                 f"but convert.mode = {mode!r} cannot ship fewer than 4-bit "
+                                 "weights: the converter writes kernels LiteRT cannot load "
+                                 "(DEPTHWISE_CONV_2D version 7 at 3 bits in int8; nonzero "
+                                 "int4 zero points in int4_weights): use 4..8")
         for i, p in enumerate(self.qat.precision):
             if mode == "int16x8" and p.activation_bits not in (0, 16):
                 raise FieldError(f"qat.precision[{i}].activation_bits", p.activation_bits,
                                  "but convert.mode = 'int16x8': use 0 or 16")
-            if mode == "int4_weights" and p.weight_bits < 4:
+            if p.weight_bits < 4:
                 raise FieldError(f"qat.precision[{i}].weight_bits", p.weight_bits,
-                                 "but convert.mode = 'int4_weights': use 4..8")
+                                 f"but convert.mode = {mode!r} ships 4..8-bit weights only: "
+                                 "use 4..8")
 
 
 # ---------------------------------------------------------------------------- device

@@ -138,7 +138,12 @@ CATALOGUE = [
      "policy.default.activation_bits = 8 but convert.mode = 'int16x8'"),
     ("int4-with-3-bit-weights",
      pipe("[convert]\nmode = 'int4_weights'\n[policy.default]\nweight_bits = 3\n"), P,
-     "policy.default.weight_bits = 3 but convert.mode = 'int4_weights'"),
+     "policy.default.weight_bits = 3 but convert.mode = 'int4_weights' cannot ship"),
+    ("int8-with-3-bit-weights", pipe("[[policy.rules]]\nclasses = 'DepthwiseConv2D'\n"
+                                     "weight_bits = 3\n"), P,
+     "policy.rules[0].weight_bits = 3 but convert.mode = 'int8' cannot ship fewer than 4"),
+    ("precision-step-2-bit", pipe("[[qat.precision]]\nweight_bits = 2\n"), P,
+     "qat.precision[0].weight_bits = 2 but convert.mode = 'int8' ships 4..8-bit"),
     ("bad-regex", pipe("[[policy.rules]]\nlayers = '('\n"), P,
      "policy.rules[0].layers is not a valid regex"),
     ("unknown-weight-quantizer", pipe("[policy.default]\nweight_quantizer = 'magic'\n"), P,
