@@ -149,7 +149,8 @@ def check_arrays(source: str, x_train: np.ndarray, y_train: np.ndarray, x_test: 
                         f"x_test samples {x_test.shape[1:]}")
 
 
-def _npz(path: str) -> tuple[np.ndarray, ...]:
+def _npz(path: str) -> tuple:
+    """(x_train, y_train, x_test, y_test, class names or ()) from a user's .npz."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: data file not found (data.path); pass an existing .npz")
@@ -167,6 +168,8 @@ def _npz(path: str) -> tuple[np.ndarray, ...]:
                     f"{', '.join(NPZ_KEYS)}"
                 )
             arrays = [f[k] for k in NPZ_KEYS]
+            names = tuple(str(n) for n in f["class_names"].reshape(-1)) \
+                if "class_names" in f.files else ()
     except ValueError as e:
         if "allow_pickle" in str(e):
             raise UserError(f"{p}: holds Python objects (pickled arrays), which edgeqat does "
@@ -177,7 +180,7 @@ def _npz(path: str) -> tuple[np.ndarray, ...]:
     x_train, y_train, x_test, y_test = arrays
     check_arrays(str(p), x_train, y_train, x_test, y_test)
     return (x_train.astype(np.float32), y_train.astype(np.int32).reshape(-1),
-            x_test.astype(np.float32), y_test.astype(np.int32).reshape(-1))
+            x_test.astype(np.float32), y_test.astype(np.int32).reshape(-1), names)
 
 
 # Raw pixel values of the 8x8 digits run 0..16; MNIST-1D signals are used as generated.
@@ -185,19 +188,15 @@ NORMALIZATION = {"digits": (0.0, 16.0)}
 DIGIT_NAMES = tuple(str(i) for i in range(10))  # digits and MNIST-1D: the digits 0-9
 
 
-def _class_names(cfg: DataConfig, num_classes: int) -> tuple[str, ...]:
+def _class_names(cfg: DataConfig, given: tuple[str, ...], num_classes: int,
+                 ) -> tuple[str, ...]:
     """Class names: the digits for the built-in sets, an npz's optional ``class_names``."""
     if cfg.name in ("digits", "mnist1d"):
         return DIGIT_NAMES
-    if cfg.name == "npz":
-        with np.load(cfg.path, allow_pickle=False) as f:
-            if "class_names" in f.files:
-                names = tuple(str(n) for n in f["class_names"].reshape(-1))
-                if len(names) != num_classes:
-                    raise UserError(f"{cfg.path}: class_names has {len(names)} entries for "
-                                    f"{num_classes} classes; give one name per class")
-                return names
-    return ()
+    if given and len(given) != num_classes:
+        raise UserError(f"{cfg.path}: class_names has {len(given)} entries for "
+                        f"{num_classes} classes; give one name per class")
+    return given
 
 
 def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
@@ -206,12 +205,13 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     Raises:
       UserError: unknown dataset, or an unreadable / malformed .npz.
     """
+    names: tuple[str, ...] = ()
     if cfg.name == "digits":
         x_train, y_train, x_test, y_test = _digits(seed)
     elif cfg.name == "mnist1d":
         x_train, y_train, x_test, y_test = _mnist1d(seed)
     elif cfg.name == "npz":
-        x_train, y_train, x_test, y_test = _npz(cfg.path or "")
+        x_train, y_train, x_test, y_test, names = _npz(cfg.path or "")
     else:
         raise UserError(f"data.name = {cfg.name!r} is unknown; use digits, mnist1d or npz")
     rng = np.random.default_rng(seed)
@@ -236,5 +236,5 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
         x_calib=x_train[calib],
         num_classes=num_classes,
         normalization=NORMALIZATION.get(cfg.name, (0.0, 1.0)),
-        class_names=_class_names(cfg, num_classes),
+        class_names=_class_names(cfg, names, num_classes),
     )

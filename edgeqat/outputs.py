@@ -233,6 +233,16 @@ def remove_checkpoint(path: str | Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def require_checkpoint_dir(path: str | Path) -> None:
+    """Raises UserError unless ``path`` is absent, an empty directory or an edgeqat
+    checkpoint (it holds ``CHECKPOINT_MARKER``): the only directories QAT writes into."""
+    p = Path(path)
+    if p.exists() and not (p.is_dir() and (not any(p.iterdir())
+                                           or _is_ours(p, CHECKPOINT_MARKER))):
+        raise UserError(f"{p}: qat.checkpoint_dir holds files that are not an edgeqat "
+                        "checkpoint; choose another qat.checkpoint_dir (or --output_dir)")
+
+
 def claim_checkpoint(path: str | Path) -> tuple[PathLock, bool]:
     """Locks a checkpoint directory; returns (lock, whether it already existed).
 
@@ -241,10 +251,7 @@ def claim_checkpoint(path: str | Path) -> tuple[PathLock, bool]:
         run holds it.
     """
     p = Path(path)
-    if p.exists() and not (p.is_dir() and (not any(p.iterdir())
-                                           or _is_ours(p, CHECKPOINT_MARKER))):
-        raise UserError(f"{p}: qat.checkpoint_dir holds files that are not an edgeqat "
-                        "checkpoint; choose another qat.checkpoint_dir (or --output_dir)")
+    require_checkpoint_dir(p)
     if not p.exists():
         check_writable(p, "qat.checkpoint_dir")
     lock = PathLock(p, "the QAT checkpoint directory")

@@ -52,7 +52,7 @@ from edgeqat.config import QatConfig, to_toml
 from edgeqat.data import Dataset
 from edgeqat.errors import UserError
 from edgeqat.keras import keras, tf, tfmot
-from edgeqat.outputs import CHECKPOINT_MARKER
+from edgeqat.outputs import CHECKPOINT_MARKER, require_checkpoint_dir
 from edgeqat.quantizers import Quantizer
 from edgeqat.train import accuracy
 
@@ -372,10 +372,7 @@ class _Checkpoints:
 
     def __init__(self, directory: str, fingerprint: dict, model, optimizer, chief: bool):
         self.directory = Path(directory)
-        if self.directory.is_dir() and any(self.directory.iterdir()) and \
-                not (self.directory / CHECKPOINT_MARKER).is_file():
-            raise UserError(f"{self.directory}: qat.checkpoint_dir holds files that are not "
-                            "an edgeqat checkpoint; choose another directory")
+        require_checkpoint_dir(self.directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / CHECKPOINT_MARKER).touch()
         self.fingerprint = fingerprint

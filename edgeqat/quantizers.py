@@ -642,5 +642,3 @@ class LsqQuantizer(Quantizer):
         return {"num_bits": self.num_bits, "per_channel": self.per_channel,
                 "signed": self.signed, "narrow_range": self.narrow_range, "init": self.init}
 
-
-QUANTIZERS = tuple(REGISTRY.values())  # every registered class, in definition order
