@@ -131,8 +131,10 @@ class Checked:
 class DataConfig(Checked):
     """Where the training and evaluation data come from."""
 
-    name: str = choice("digits", ("digits", "mnist1d", "npz"))
-    path: str | None = None  # .npz with x_train, y_train, x_test, y_test (name = "npz")
+    name: str = choice("digits", ("digits", "mnist1d", "npz", "text"),
+                       "text: the language-model pipeline (see [lm])")
+    path: str | None = None  # .npz with x_train, y_train, x_test, y_test (name = "npz");
+    #                          a UTF-8 file or folder (name = "text"; none: built-in corpus)
     calibration_samples: int = bounded(500, AT_LEAST_1)  # samples for PTQ calibration
     eval_samples: int = bounded(0, AT_LEAST_0)  # 0: the whole test split
     validation_fraction: float = bounded(  # held out of x_train for early checks
@@ -304,6 +306,43 @@ class DiagnosticsConfig(Checked):
 
 
 @dataclass(frozen=True)
+class LmConfig(Checked):
+    """The language-model pipeline (``data.name = "text"``): a byte-level decoder-only
+    transformer, pre-trained in float, then PTQ and QAT at ``convert.mode`` (int8: W8A8;
+    int4_weights: W4A8), exported with ``prefill`` and KV-cache ``decode`` signatures."""
+
+    context: int = bounded(128, Range(8, 2048, text="must be 8..2048"))  # window and cache
+    dim: int = bounded(128, Range(16, 1024, text="must be 16..1024"))
+    layers: int = bounded(2, Range(1, 24, text="must be 1..24"))
+    heads: int = bounded(4, Range(1, 32, text="must be 1..32"))
+    mlp_ratio: int = bounded(4, Range(1, 8, text="must be 1..8"))
+    steps: int = bounded(1500, AT_LEAST_0)  # float pre-training (0 with model.path)
+    batch_size: int = bounded(32, AT_LEAST_1)
+    learning_rate: float = bounded(3e-3, POSITIVE)
+    qat_steps: int = bounded(300, AT_LEAST_0)
+    qat_learning_rate: float = bounded(3e-4, POSITIVE)
+    distill: float = bounded(0.5, FRACTION)  # weight of the KL to the float model
+    head_bits: int = bounded(8, Range(4, 8, text="must be 4..8"))
+    score_margin: float = bounded(16.0, POSITIVE)
+    logit_span: float = bounded(16.0, POSITIVE)
+    eval_windows: int = bounded(64, AT_LEAST_1)  # test windows every model is scored on
+    decode_windows: int = bounded(2, AT_LEAST_0)  # of those, run through the decode loop
+    prompt: str = "def "  # the fixed prompt of the generated samples
+    generate_tokens: int = bounded(48, AT_LEAST_1)
+    max_perplexity_increase: float = bounded(0.02, FRACTION)  # shipped vs float model
+
+    def check(self) -> None:
+        if self.dim % self.heads:
+            raise FieldError("heads", self.heads, f"must divide lm.dim = {self.dim}")
+        if not self.prompt.encode("utf-8"):
+            raise FieldError("prompt", self.prompt, "has no tokens: give at least one "
+                             "character")
+        if len(self.prompt.encode("utf-8")) >= self.context:
+            raise FieldError("prompt", self.prompt, f"has {len(self.prompt.encode())} tokens,"
+                             f" not fewer than lm.context = {self.context}: shorten it")
+
+
+@dataclass(frozen=True)
 class PipelineConfig(Checked):
     """A whole pipeline: data, model, policy, QAT, conversion, validation."""
 
@@ -319,11 +358,19 @@ class PipelineConfig(Checked):
     ptq: PtqConfig = PtqConfig()
     auto: AutoConfig = AutoConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
+    lm: LmConfig = LmConfig()
     source: str = ""  # the file it was read from (set by the loader)
 
     def check(self) -> None:
         """Rules across tables: what the conversion mode's kernels can load and run."""
         mode = self.convert.mode
+        if self.data.name == "text":
+            if mode not in ("int8", "int4_weights"):
+                raise FieldError("convert.mode", mode, "but data.name = 'text' (the language "
+                                 "model) ships W8A8 (int8) or W4A8 (int4_weights)")
+            if self.mode != "qat":
+                raise FieldError("mode", self.mode, "but data.name = 'text': the language "
+                                 "model runs PTQ and QAT always; use mode = 'qat'")
         if self.mode == "auto" and mode != "int8":
             raise FieldError("convert.mode", mode,
                              "but mode = 'auto' starts from int8 and moves to 16x8 itself "

@@ -37,6 +37,7 @@ class PipelineResult:
     qat_model: object = field(repr=False)  # None when auto mode stopped before QAT
     tflites: dict = field(repr=False)
     report: dict = field(repr=False)
+    files: dict = field(default_factory=dict, repr=False)  # more artifacts: name -> bytes
 
 
 @dataclass(frozen=True)

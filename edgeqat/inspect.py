@@ -42,6 +42,45 @@ def list_ops(model: bytes) -> list[OpFacts]:
     return ops
 
 
+def subgraph_ops(model: bytes) -> dict[str, list[OpFacts]]:
+    """Every op of every subgraph (one per signature), read from the flatbuffer itself, so
+    it also sees kernels the reference resolver cannot load (packed int4). Keys are the
+    signature names (the subgraph's name when it has no signature)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    m = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(model, 0))
+    ops_names = schema_names(schema.BuiltinOperator)
+    types = tensor_type_names()
+    names = {sig.subgraphIndex: sig.signatureKey.decode() for sig in (m.signatureDefs or [])}
+    out = {}
+    for g, sub in enumerate(m.subgraphs):
+        facts = []
+        for i, op in enumerate(sub.operators or []):
+            ins = tuple(types[sub.tensors[t].type] for t in op.inputs if t >= 0)
+            outs = tuple(types[sub.tensors[t].type] for t in op.outputs if t >= 0)
+            facts.append(OpFacts(i, ops_names.get(builtin_code(m, op), "CUSTOM"), ins, outs))
+        key = names.get(g) or (sub.name.decode() if sub.name else f"subgraph {g}")
+        out[key] = facts
+    return out
+
+
+def require_full_integer_everywhere(model: bytes, what: str = "model") -> dict:
+    """``require_full_integer`` over every subgraph (each signature of the model).
+
+    Returns:
+      signature -> its op list.
+    """
+    found = subgraph_ops(model)
+    for sig, ops in found.items():
+        bad = [op for op in ops if not op.is_integer]
+        if bad:
+            listed = ", ".join(f"#{op.index} {op.name} ({'/'.join(op.input_types)} -> "
+                               f"{'/'.join(op.output_types)})" for op in bad)
+            raise UserError(f"{what} signature {sig!r} is not fully integer: {len(bad)} float "
+                            f"op(s): {listed}")
+    return found
+
+
 def schema_names(enum) -> dict[int, str]:
     """A flatbuffer schema enum (``BuiltinOperator``, ``TensorType``) as value -> name."""
     return {v: k for k, v in vars(enum).items() if not k.startswith("_") and isinstance(v, int)}

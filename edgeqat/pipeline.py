@@ -56,6 +56,10 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
     from edgeqat.harness.device import preflight
 
     stage = _Stages()
+    if cfg.data.name == "text":  # the language-model pipeline: the same stages, for text
+        from edgeqat.lm import flow as lm_flow
+
+        return lm_flow.run(cfg, device, stage)
     # What can be checked is checked before any training, and before TensorFlow loads:
     # the data, then the device (its tools, the connection, runtime and delegate).
     with stage("data"):
@@ -152,10 +156,13 @@ def write_outputs(result: PipelineResult, output_dir: Path | OutputDir) -> Path:
             # A SavedModel directory: the one format the QAT wrappers round-trip in.
             with annotate.scope(), _quiet_absl():  # the saver logs every asset it writes
                 result.qat_model.save(tmp / "qat_model", save_format="tf")
-        result.float_model.save(tmp / "float_model.keras")
+        if result.float_model is not None:
+            result.float_model.save(tmp / "float_model.keras")
+        for name, content in result.files.items():
+            (tmp / name).write_bytes(content)
         (tmp / "pipeline.toml").write_text(to_toml(result.config))
         (tmp / "device.toml").write_text(to_toml(result.device))
-        report.write_report(result.report, tmp)
+        report.write_report(result.report, tmp, renderer=_renderer(result.report))
 
     out = output_dir if isinstance(output_dir, OutputDir) else OutputDir(output_dir)
     claimed_here = not isinstance(output_dir, OutputDir)
@@ -167,6 +174,15 @@ def write_outputs(result: PipelineResult, output_dir: Path | OutputDir) -> Path:
     finally:
         if claimed_here:
             out.release()
+
+
+def _renderer(r: dict):
+    """The report module for this kind of report (None: the CNN report)."""
+    if r.get("task") == "language_model":
+        from edgeqat.lm import report as lm_report
+
+        return lm_report
+    return None
 
 
 def _find(value: str, folder: Path, what: str) -> Path:
@@ -283,9 +299,9 @@ def main(argv: list[str]) -> int:
     finally:
         for c in reversed(claimed):
             c.release()
-    from edgeqat.report import headline
+    from edgeqat import report
 
-    print(headline(result.report, out.path))
+    print((_renderer(result.report) or report).headline(result.report, out.path))
     return 0
 
 

@@ -12,6 +12,7 @@ import html
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 from edgeqat import __version__
@@ -63,7 +64,7 @@ def build_report(cfg: PipelineConfig, device: DeviceConfig, data: dict, trained,
                      "pipeline_mode": cfg.mode},
         "device": validation.device | {"profile_source": device.source,
                                        "hardware": device.hardware},
-        "versions": _versions(),
+        "versions": versions(),
         "model": _model_source(cfg),
         "data": data,
         "accuracy": accuracy,
@@ -101,7 +102,7 @@ def _model_source(cfg: PipelineConfig) -> dict:
             "imported_from": f"Keras {version}" if version else None}
 
 
-def _versions() -> dict:
+def versions() -> dict:
     """Versions of the host-side toolchain that produced the models."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -371,9 +372,16 @@ def make_figures(r: dict) -> dict[str, bytes]:
 
 def to_html(r: dict, figures: dict[str, bytes]) -> str:
     """One self-contained HTML page: the Markdown report's content, figures inline."""
+    return html_page(to_markdown(r), figures, FIGURE_TITLES, r["pipeline"]["name"])
+
+
+def html_page(markdown: str, figures: dict[str, bytes], titles: dict[str, str],
+              name: str) -> str:
+    """The HTML form of a Markdown report (tables, headings, paragraphs), figures inline
+    with their ``titles``."""
     body = []
     in_table = False
-    for line in to_markdown(r).splitlines():
+    for line in markdown.splitlines():
         if line.startswith("|"):
             cells = [html.escape(c.strip()).replace("`", "") for c in line.strip("|").split("|")]
             if set("".join(cells)) <= set("-:"):
@@ -396,17 +404,17 @@ def to_html(r: dict, figures: dict[str, bytes]) -> str:
             body.append(f"<p>{html.escape(line).replace('`', '')}</p>")
     if in_table:
         body.append("</table>")
-    for name, data in figures.items():
+    for fig, data in figures.items():
         b64 = base64.b64encode(data).decode()
-        body.append(f'<figure id="fig-{name}"><img alt="{FIGURE_TITLES[name]}" '
-                    f'src="data:image/png;base64,{b64}"><figcaption>{FIGURE_TITLES[name]}'
+        body.append(f'<figure id="fig-{fig}"><img alt="{titles[fig]}" '
+                    f'src="data:image/png;base64,{b64}"><figcaption>{titles[fig]}'
                     "</figcaption></figure>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
              "padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
              "figure{margin:1.5em 0}img{max-width:100%}")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>edgeqat report: {html.escape(r['pipeline']['name'])}</title>"
+            f"<title>edgeqat report: {html.escape(name)}</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
@@ -426,17 +434,22 @@ def write_results(out: Path, data: object, markdown: str, indent: int = 1) -> No
     _atomic_write(out.with_suffix(".md"), markdown)
 
 
-def write_report(r: dict, directory: Path) -> None:
-    """Writes report.json, report.md (+ plots/*.png) and report.html into ``directory``."""
+def write_report(r: dict, directory: Path, renderer=None) -> None:
+    """Writes report.json, report.md (+ plots/*.png) and report.html into ``directory``.
+
+    ``renderer``: a module with ``make_figures``, ``to_markdown`` and ``to_html`` for
+    another kind of report (``edgeqat.lm.report``); by default this module's.
+    """
     directory = Path(directory)
-    figures = make_figures(r)
+    render = renderer or sys.modules[__name__]
+    figures, markdown, html = render.make_figures(r), render.to_markdown, render.to_html
     (directory / "plots").mkdir(exist_ok=True)
     for name, data in figures.items():
         _atomic_write(directory / "plots" / f"{name}.png", data)
     _atomic_write(directory / "report.json", json.dumps(r, indent=2) + "\n")
     _atomic_write(directory / "report.md",
-                  to_markdown(r, {n: f"plots/{n}.png" for n in figures}))
-    _atomic_write(directory / "report.html", to_html(r, figures))
+                  markdown(r, {n: f"plots/{n}.png" for n in figures}))
+    _atomic_write(directory / "report.html", html(r, figures))
 
 
 def headline(r: dict, output_dir: Path) -> str:

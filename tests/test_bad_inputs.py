@@ -76,6 +76,20 @@ def dev(text: str) -> dict:
 
 
 DEV = ["--pipeline", "p.toml", "--device", "d.toml"]
+TEXT = '[data]\nname = "text"\npath = "corpus.txt"\n'
+TEXT_BODY = "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(400))
+
+
+def _lm_state(context: int) -> bytes:
+    """An lm_float.npz-like state (what a text run writes) with this context."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **{"param/emb": np.zeros((256, 128), np.float32),
+                     "param/pos": np.zeros((context, 128), np.float32),
+                     "param/0.wq": np.zeros((128, 128), np.float32),
+                     "param/1.wq": np.zeros((128, 128), np.float32)})
+    return buf.getvalue()
 P = ["--pipeline", "p.toml"]
 BUILDERS = '''
 import tf_keras as keras
@@ -262,6 +276,35 @@ CATALOGUE = [
      "takes inputs of shape (4) but the digits samples have shape (8, 8, 1)"),
     ("labels-beyond-outputs", {**pipe("[model]\npath = 'm3.keras'\n"), "m3.keras": "@model:64:3"},
      P, "has 3 outputs (labels 0..2)"),
+    # ---- the language-model pipeline (data.name = "text")
+    ("text-empty-corpus", {**pipe(TEXT), "corpus.txt": ""}, P,
+     "corpus.txt: the text is empty"),
+    ("text-empty-folder", {**pipe(TEXT.replace("corpus.txt", "docs")), "docs/a.bin": b"x"},
+     P, "docs: no text files"),
+    ("text-not-utf8", {**pipe(TEXT), "corpus.txt": b"def f():\n    return '\xff\xfe'\n"},
+     P, "corpus.txt: not UTF-8 text (byte 21"),
+    ("text-not-utf8-in-folder", {**pipe(TEXT.replace("corpus.txt", "docs")),
+                                 "docs/a.txt": "fine\n" * 50, "docs/b.py": b"\x80abc"},
+     P, "b.py: not UTF-8 text (byte 0"),
+    ("text-too-small-for-window", {**pipe(TEXT + "[lm]\ncontext = 512\n"),
+                                   "corpus.txt": "tiny text " * 100},
+     P, "split has"),
+    ("text-window-longer-than-model", {**pipe(TEXT + '[model]\npath = "lm.npz"\n'
+                                              "[lm]\ncontext = 64\n"),
+                                       "corpus.txt": TEXT_BODY, "lm.npz": _lm_state(32)},
+     P, "the model's context is 32 tokens; lm.context = 64 is longer"),
+    ("text-model-not-a-state", {**pipe(TEXT + '[model]\npath = "lm.npz"\n'),
+                                "corpus.txt": TEXT_BODY, "lm.npz": _npz()},
+     P, "no 'param/emb'"),
+    ("text-prompt-empty", pipe(TEXT + '[lm]\nprompt = ""\n'), P,
+     "lm.prompt = '' has no tokens"),
+    ("text-prompt-too-long", pipe(TEXT + "[lm]\ncontext = 8\nprompt = 'abcdefghij'\n"), P,
+     "not fewer than lm.context = 8"),
+    ("text-heads-do-not-divide", pipe(TEXT + "[lm]\ndim = 30\nheads = 4\n"), P,
+     "lm.heads = 4 must divide lm.dim = 30"),
+    ("text-int16x8", pipe(TEXT + '[convert]\nmode = "int16x8"\n'), P,
+     "ships W8A8 (int8) or W4A8 (int4_weights)"),
+
 ]
 assert len({c[0] for c in CATALOGUE}) == len(CATALOGUE)
 

@@ -184,10 +184,48 @@ def run_on_device(device: DeviceConfig, models: dict[str, Path], x: np.ndarray,
       DeviceError: the runtime or delegate is missing, the runner failed or crashed (its
         message or stderr tail is in the error), or the model arrived corrupted.
     """
+    arrays = {"x": x} if y is None else {"x": x, "y": y}
+    argv = ["--warmup", str(warmup), "--runs", str(runs),
+            "--num_threads", str(device.num_threads)]
+    return _run_all(device, models, arrays, argv, _image_run, sleep)
+
+
+def run_lm_on_device(device: DeviceConfig, models: dict[str, Path], windows: np.ndarray,
+                     prompt: np.ndarray, *, decode_windows: int = 2,
+                     threads: tuple[int, ...] = (1, 2), max_new_tokens: int = 64,
+                     runs: int = 50,
+                     sleep: Callable[[float], None] = time.sleep) -> dict[str, DeviceRun]:
+    """Runs language models (``prefill`` / ``decode`` signatures) through ``runner.py
+    --lm``: teacher-forced logits on ``windows``, the decode loop on the first
+    ``decode_windows``, speed at each thread count, and a greedy sample from ``prompt``.
+
+    Returns:
+      name -> DeviceRun whose ``outputs`` are the prefill logits and ``raw`` the decode
+      logits, both as the model produced them; ``info["generated"]`` the sampled tokens.
+
+    Raises:
+      DeviceError, DeviceUnreachable: as ``run_on_device``.
+    """
+    argv = ["--lm", "--decode_windows", str(decode_windows),
+            "--threads", ",".join(map(str, threads)), "--max_new_tokens", str(max_new_tokens),
+            "--runs", str(runs), "--warmup", "2"]
+    return _run_all(device, models, {"windows": windows, "prompt": prompt}, argv, _lm_run,
+                    sleep)
+
+
+def _image_run(name: str, f) -> DeviceRun:
+    return DeviceRun(name, {}, f["outputs"], f["raw"])
+
+
+def _lm_run(name: str, f) -> DeviceRun:
+    return DeviceRun(name, {}, f["prefill"], f["decode"])
+
+
+def _run_all(device: DeviceConfig, models: dict[str, Path], arrays: dict, argv: list[str],
+             load: Callable, sleep: Callable[[float], None]) -> dict[str, DeviceRun]:
     results: dict[str, DeviceRun] = {}
     with tempfile.TemporaryDirectory(prefix="edgeqat-run-") as tmp_name:
         tmp = Path(tmp_name)
-        arrays = {"x": x} if y is None else {"x": x, "y": y}
         np.savez(tmp / "inputs.npz", **arrays)
         session = _Session(device, tmp / "inputs.npz", sleep)
         try:
@@ -196,7 +234,7 @@ def run_on_device(device: DeviceConfig, models: dict[str, Path], x: np.ndarray,
                 sent, note = _prepare_model(device, name, Path(path), tmp)
                 results[name] = session.attempt(
                     lambda name=name, sent=sent, note=note: _run_one(
-                        device, session, name, sent, note, tmp, warmup, runs),
+                        device, session, name, sent, note, tmp, argv, load),
                     f"running {name}")
         except DeviceError as e:
             e.partial = dict(results)
@@ -243,7 +281,7 @@ def _probe(device: DeviceConfig, session: _Session) -> dict:
 
 
 def _run_one(device: DeviceConfig, session: _Session, name: str, path: Path, note: str,
-             tmp: Path, warmup: int, runs: int) -> DeviceRun:
+             tmp: Path, extra: list[str], load: Callable) -> DeviceRun:
     transport = session.transport
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     remote_model = transport.put(path, f"{name}.tflite")
@@ -251,9 +289,7 @@ def _run_one(device: DeviceConfig, session: _Session, name: str, path: Path, not
     remote_out = f"{transport.workdir}/{name}.npz"
     argv = _base_argv(device, session.remote["runner"]) + [
         "--model", remote_model, "--inputs", session.remote["inputs"],
-        "--result", remote_result, "--outputs", remote_out,
-        "--num_threads", str(device.num_threads), "--warmup", str(warmup),
-        "--runs", str(runs), "--expect_sha256", sha]
+        "--result", remote_result, "--outputs", remote_out, *extra, "--expect_sha256", sha]
     done = transport.run(argv, device.connection.timeout_s)
     if done.returncode != 0:
         raise DeviceError(f"device '{device.name}': runner failed on {name}: "
@@ -265,4 +301,5 @@ def _run_one(device: DeviceConfig, session: _Session, name: str, path: Path, not
     if note:
         info["host_note"] = note
     with np.load(tmp / f"{name}.npz") as f:
-        return DeviceRun(name, info, f["outputs"], f["raw"])
+        run = load(name, f)
+    return DeviceRun(name, info, run.outputs, run.raw)

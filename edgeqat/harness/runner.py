@@ -8,6 +8,17 @@ imports edgeqat.
         [--outputs out.npz] [--runtime auto] [--delegate xnnpack] [--num_threads 1] \
         [--warmup 5] [--runs 50] [--device usb] [--expect_sha256 HEX] [--allow_cpu_fallback]
     python3 runner.py --probe [--runtime auto] [--delegate edgetpu] [--device usb]
+    python3 runner.py --lm --model lm.tflite --inputs windows.npz --result result.json \
+        [--outputs out.npz] [--decode_windows 2] [--threads 1,2] [--max_new_tokens 64]
+    python3 runner.py --generate "def " --model lm.tflite [--max_new_tokens 64]
+
+Language models (``--lm``, ``--generate``) are byte-level decoders with ``prefill`` and
+``decode`` signatures (edgeqat's tinylm export). ``--lm`` runs teacher-forced prefill on
+every window of ``windows`` (int32, [N, context + 1]) and, for the first
+``--decode_windows``, the decode loop over the same tokens; times prefill and decode
+tokens per second at each thread count; greedily continues ``prompt`` (int32 tokens) for
+``--max_new_tokens``. ``out.npz`` holds ``prefill`` and ``decode`` (raw logits) and
+``generated``. ``--generate`` prints the continuation of a text prompt.
 
 ``in.npz`` holds ``x`` (float samples, batch first) and optionally ``y`` (labels).
 Float inputs are quantized with the model's input scale and zero point; outputs are
@@ -277,6 +288,145 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+# ---------------------------------------------------------------- language models
+
+def _lm_signatures(interp):
+    sigs = interp.get_signature_list()
+    if "prefill" not in sigs or "decode" not in sigs:
+        raise RunnerError(f"the model has signatures {sorted(sigs)}; a language model needs "
+                          "'prefill' and 'decode'")
+    return interp.get_signature_runner("prefill"), interp.get_signature_runner("decode")
+
+
+def empty_cache(decode) -> dict:
+    """The decode signature's cache inputs, all holding zero (their zero point)."""
+    cache = {}
+    for name, d in decode.get_input_details().items():
+        if name.startswith("kv_cache"):
+            cache[name] = _quantize(np.zeros(d["shape"], np.float32), d)
+    return cache
+
+
+def decode_step(decode, token: int, pos: int, cache: dict):
+    """One decode call: returns (raw logits [vocab], the updated cache)."""
+    out = decode(tokens=np.array([[token]], np.int32), input_pos=np.array([pos], np.int32),
+                 **cache)
+    return out["logits"].reshape(-1), {k: out[k] for k in cache}
+
+
+def generate(decode, prompt, max_new_tokens: int, context: int) -> list:
+    """Greedy continuation of ``prompt`` (token ids) with the decode signature only.
+
+    The prompt is fed one token at a time (positions 0..P-1), then each argmax is fed
+    back, until ``max_new_tokens`` or the end of the context (the KV cache's length).
+    """
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise RunnerError("the prompt has no tokens; give at least one character")
+    if len(prompt) >= context:
+        raise RunnerError(f"the prompt has {len(prompt)} tokens, the model's context is "
+                          f"{context}; shorten it")
+    cache = empty_cache(decode)
+    logits = None
+    for pos, tok in enumerate(prompt):
+        logits, cache = decode_step(decode, tok, pos, cache)
+    out = []
+    for pos in range(len(prompt), min(context, len(prompt) + max_new_tokens)):
+        tok = int(np.argmax(logits))
+        out.append(tok)
+        logits, cache = decode_step(decode, tok, pos, cache)
+    return out
+
+
+def _lm_context(prefill) -> int:
+    return int(prefill.get_input_details()["tokens"]["shape"][1])
+
+
+def _open_lm(args, threads: int):
+    with open(args.model, "rb") as f:
+        model = f.read()
+    mod, runtime, version = _import_runtime(args.runtime)
+    try:
+        interp, applied, note = _make_interpreter(mod, runtime, model, args.delegate, threads,
+                                                  args.device, args.allow_cpu_fallback)
+    except (ValueError, RuntimeError) as e:
+        raise RunnerError(f"{args.model}: the interpreter refused the model: {e}", 3) from None
+    return model, runtime, version, interp, applied, note
+
+
+def run_lm(args: argparse.Namespace) -> dict:
+    """Teacher-forced logits, decode-loop logits, speed and a generated sample."""
+    threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
+    model, runtime, version, interp, applied, note = _open_lm(args, threads[0])
+    sha = hashlib.sha256(model).hexdigest()
+    if args.expect_sha256 and args.expect_sha256 != sha:
+        raise RunnerError(f"{args.model}: sha256 on the device is {sha}, host sent "
+                          f"{args.expect_sha256}; refusing a corrupted or different model")
+    with np.load(args.inputs, allow_pickle=False) as f:
+        windows = f["windows"].astype(np.int32)
+        prompt = f["prompt"].astype(np.int32) if "prompt" in f.files else windows[0, :8]
+    prefill, decode = _lm_signatures(interp)
+    ctx = _lm_context(prefill)
+    if windows.shape[1] < ctx:
+        raise RunnerError(f"{args.inputs}: windows of {windows.shape[1]} tokens, the model's "
+                          f"context is {ctx}")
+    pre = np.stack([prefill(tokens=w[None, :ctx])["logits"][0] for w in windows])
+    dec = []
+    for w in windows[: args.decode_windows]:
+        cache, rows = empty_cache(decode), []
+        for pos in range(ctx):
+            logits, cache = decode_step(decode, int(w[pos]), pos, cache)
+            rows.append(logits)
+        dec.append(np.stack(rows))
+    dec = np.stack(dec) if dec else np.zeros((0,) + pre.shape[1:], pre.dtype)
+    generated = generate(decode, prompt, args.max_new_tokens, ctx)
+    logits_detail = prefill.get_output_details()["logits"]
+    speed = {}
+    for t in threads:
+        if t == threads[0]:
+            p_run, d_run = prefill, decode
+        else:
+            p_run, d_run = _lm_signatures(_open_lm(args, t)[3])
+        for _ in range(args.warmup):
+            p_run(tokens=windows[:1, :ctx])
+        times = []
+        for i in range(max(3, args.runs // 10)):
+            t0 = time.perf_counter()
+            p_run(tokens=windows[i % len(windows)][None, :ctx])
+            times.append(time.perf_counter() - t0)
+        cache = empty_cache(d_run)
+        dtimes = []
+        for pos in range(min(ctx, max(8, args.runs))):
+            t0 = time.perf_counter()
+            _, cache = decode_step(d_run, int(windows[0, pos]), pos, cache)
+            dtimes.append(time.perf_counter() - t0)
+        speed[str(t)] = {"prefill_tokens_per_s": ctx / float(np.median(times)),
+                         "decode_tokens_per_s": 1.0 / float(np.median(dtimes)),
+                         "prefill_ms": _percentiles(times), "decode_ms": _percentiles(dtimes)}
+    if args.outputs:
+        tmp = args.outputs + ".tmp.npz"
+        np.savez(tmp, prefill=pre, decode=dec, generated=np.asarray(generated, np.int32))
+        os.replace(tmp, args.outputs)
+    return {"model": os.path.basename(args.model), "model_sha256": sha,
+            "model_bytes": len(model), "runtime": runtime, "runtime_version": version,
+            "delegate_requested": args.delegate, "delegate_applied": applied,
+            "delegate_note": note, "cpu": _cpu(), "context": ctx,
+            "windows": int(len(windows)), "decode_windows": int(len(dec)),
+            "logits": {"dtype": np.dtype(logits_detail["dtype"]).name,
+                       "scale": float(logits_detail["quantization"][0]),
+                       "zero_point": int(logits_detail["quantization"][1])},
+            "speed": speed, "generated": [int(t) for t in generated]}
+
+
+def generate_text(args: argparse.Namespace) -> str:
+    """``--generate``: the continuation of a UTF-8 prompt, as text."""
+    interp = _open_lm(args, args.num_threads)[3]
+    prefill, decode = _lm_signatures(interp)
+    tokens = generate(decode, list(args.generate.encode("utf-8")), args.max_new_tokens,
+                      _lm_context(prefill))
+    return bytes(tokens).decode("utf-8", errors="replace")
+
+
 def _quiet_failed_delegates() -> None:
     """A failed load_delegate leaves a half-built Delegate whose __del__ raises
     AttributeError (ai_edge_litert 2.3, tflite_runtime 2.14); keep stderr to real errors."""
@@ -307,14 +457,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow_cpu_fallback", action="store_true")
     p.add_argument("--probe", action="store_true",
                    help="only check runtime and delegate; print JSON to stdout")
+    p.add_argument("--lm", action="store_true", help="a language model (see above)")
+    p.add_argument("--decode_windows", type=int, default=2)
+    p.add_argument("--threads", default="1", help="LM speed at each count, e.g. 1,2")
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--generate", default=None, metavar="PROMPT",
+                   help="print the model's greedy continuation of PROMPT")
     args = p.parse_args(argv)
-    if not args.probe and not (args.model and args.inputs and args.result):
-        p.error("--model, --inputs and --result are required (unless --probe)")
+    if args.generate is not None and not args.model:
+        p.error("--generate needs --model")
+    if not args.probe and args.generate is None and not (args.model and args.inputs
+                                                         and args.result):
+        p.error("--model, --inputs and --result are required (unless --probe or --generate)")
     try:
         if args.probe:
             print(json.dumps(probe(args)))
             return 0
-        result = run(args)
+        if args.generate is not None:
+            print(args.generate + generate_text(args))
+            return 0
+        result = run_lm(args) if args.lm else run(args)
     except RunnerError as e:
         print(f"runner: {e}", file=sys.stderr)
         return e.code

@@ -1,0 +1,354 @@
+"""A small decoder-only transformer whose QAT forward pass is what TFLite computes.
+
+Built for integer deployment, every tensor the int8 flatbuffer holds has a quantization
+point here (quantize, then dequantize, with the straight-through estimator), so the Keras
+/ TensorFlow QAT model and the TFLite model agree to an output step or two:
+
+    x0 = Q(Q(E[token]) + Q(P[position]))             (GATHER: each table stored
+                                                        int8 at its output's scale)
+    per block, pre-norm:
+      n  = Q_norm(l2_normalize(x))                     (one L2_NORMALIZATION op; TFLite's
+                                                        int8 output is fixed: step 1/128)
+      q, k, v = Q(n @ Wq'), Q(n @ Wk'), Q(n @ Wv')     (gamma * sqrt(dim) and 1/sqrt(dh)
+                                                        folded into W', per-channel int8/4)
+      s  = Q_score(mask(q @ k^T))                      (BATCH_MATMUL; masked entries at
+                                                        the range's low end, >= margin
+                                                        below its top)
+      p  = Q_softmax(softmax(s))                       (TFLite's fixed int8 output: 1/256)
+      x  = Q(x + Q(Q(p @ v) @ Wo))                     (residual add)
+      n  = Q_norm(l2_normalize(x)); h = Q(relu(n @ Wup')); x = Q(x + Q(h @ Wdown))
+    logits = Q(Q_norm(l2_normalize(x)) @ Whead')
+
+RMSNorm is ``sqrt(dim) * gamma * x / ||x||``: the L2 normalisation is TFLite's one
+integer op, and ``sqrt(dim) * gamma`` folds into the next projection, so the norm has a
+single quantized tensor. Projections are 1x1 convolutions: TFLite's per-channel
+FULLY_CONNECTED route refuses FakeQuant on the transposed kernel, CONV_2D takes it (and
+int4 kernels, packed).
+
+Ranges: weights per output channel, ``clip * max|W|`` (``clip`` trained, 1 at 8 bits, the
+least-squares ratio at 4); activations observed (min/max calibration, then a moving
+average during QAT, then frozen) or fixed where TFLite fixes them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeqat.keras import tf
+
+NORM_RANGE = (-1.0, 127.0 / 128.0)  # TFLite int8 L2_NORMALIZATION output: 1/128, zp 0
+SOFTMAX_RANGE = (0.0, 255.0 / 256.0)  # TFLite int8 SOFTMAX output: 1/256, zp -128
+MASKED = -1e4  # what masked scores are set to before their quantization clips them
+
+
+@dataclass(frozen=True)
+class LmShape:
+    """Sizes of the decoder. ``context`` is the longest sequence (and the KV cache)."""
+
+    vocab: int = 256
+    context: int = 128
+    dim: int = 128
+    layers: int = 2
+    heads: int = 4
+    mlp_ratio: int = 4
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+
+@dataclass(frozen=True)
+class LmPrecision:
+    """Bits per kind of tensor; activations are 8-bit throughout (int8 kernels)."""
+
+    weight_bits: int = 8  # Q/K/V/O and MLP projections: 8 or 4
+    head_bits: int = 8  # the output projection
+    score_margin: float = 16.0  # masked attention scores sit >= this far below the top
+    logit_span: float = 16.0  # logits below top - span saturate (softmax weight < 1e-7)
+
+    @property
+    def name(self) -> str:
+        return f"w{self.weight_bits}a8"
+
+
+PROJECTIONS = ("wq", "wk", "wv", "wo", "wup", "wdown")
+
+
+def _point_names(shape: LmShape) -> list[str]:
+    names = ["emb", "pos", "x0", "logits"]
+    for i in range(shape.layers):
+        names += [f"{i}.{p}" for p in ("q", "k", "v", "score", "attn", "o", "res1", "mlp",
+                                       "down", "res2")]
+    return names
+
+
+def _fake_quant_pc(w, a, bits):
+    return tf.quantization.fake_quant_with_min_max_vars_per_channel(
+        w, -a, a, num_bits=bits, narrow_range=True)
+
+
+CLIP_RATIOS = np.linspace(0.3, 1.0, 36)
+
+
+def least_squares_clip(w: np.ndarray, bits: int, ratios=CLIP_RATIOS):
+    """Per output channel (last axis): the ratio of max|w| whose symmetric grid has the
+    least squared error (round to nearest)."""
+    w = w.reshape(-1, w.shape[-1])
+    top = np.maximum(np.abs(w).max(0), 1e-8)
+    levels = 2 ** (bits - 1) - 1
+    best = np.ones_like(top)
+    best_err = np.full_like(top, np.inf)
+    for r in ratios:
+        s = r * top / levels
+        err = ((np.clip(np.round(w / s), -levels, levels) * s - w) ** 2).sum(0)
+        better = err < best_err
+        best[better], best_err[better] = r, err[better]
+    return best.astype(np.float32)
+
+
+class TinyLm(tf.Module):
+    """The decoder: float parameters, weight clips and activation ranges as variables.
+
+    ``quantized`` (a Python flag, so each setting traces its own graph) turns the
+    quantization points on (``frozen``: ranges read as constants, for export);
+    ``observe`` (a variable) says how ranges follow the data:
+    0 frozen, 1 min/max calibration, 2 moving average.
+    """
+
+    def __init__(self, shape: LmShape, precision: LmPrecision = LmPrecision(), seed: int = 0):
+        super().__init__(name="tiny_lm")
+        self.shape = shape
+        self.precision = precision
+        rng = np.random.default_rng(seed)
+        d, f = shape.dim, shape.dim * shape.mlp_ratio
+
+        def normal(std, *dims):
+            return rng.normal(0.0, std, dims).astype(np.float32)
+
+        params = {"emb": normal(0.5, shape.vocab, d), "pos": normal(0.1, shape.context, d),
+                  "gf": np.ones(d, np.float32), "head": normal(d ** -0.5, d, shape.vocab)}
+        out_std = (2 * shape.layers * d) ** -0.5
+        for i in range(shape.layers):
+            params.update({
+                f"{i}.g1": np.ones(d, np.float32), f"{i}.g2": np.ones(d, np.float32),
+                f"{i}.wq": normal(d ** -0.5, d, d), f"{i}.wk": normal(d ** -0.5, d, d),
+                f"{i}.wv": normal(d ** -0.5, d, d), f"{i}.wo": normal(out_std, d, d),
+                f"{i}.wup": normal(d ** -0.5, d, f), f"{i}.wdown": normal(out_std, f, d)})
+        self.params = {k: tf.Variable(v, name=k.replace(".", "_")) for k, v in params.items()}
+        self.clips = {k: tf.Variable(np.ones(v.shape[-1], np.float32),
+                                     name="clip_" + k.replace(".", "_"))
+                      for k, v in params.items() if k.split(".")[-1] in PROJECTIONS
+                      or k == "head"}
+        self.ranges = {n: tf.Variable([0.0, 0.0], trainable=False,
+                                      name="range_" + n.replace(".", "_"))
+                       for n in _point_names(shape)}
+        self.observe = tf.Variable(0, trainable=False, name="observe")
+        self.momentum = tf.Variable(0.99, trainable=False, name="momentum")
+        self.quantized = False
+        self.frozen = None  # name -> (lo, hi) while tracing the export signatures
+
+    # ------------------------------------------------------------------ parameters
+
+    @property
+    def weights(self) -> list:
+        return list(self.params.values())
+
+    @property
+    def trainable(self) -> list:
+        """What QAT trains: the float parameters and the weight clips."""
+        return self.weights + list(self.clips.values())
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        state = {f"param/{k}": v.numpy() for k, v in self.params.items()}
+        state.update({f"clip/{k}": v.numpy() for k, v in self.clips.items()})
+        state.update({f"range/{k}": v.numpy() for k, v in self.ranges.items()})
+        return state
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        for group, table in (("param", self.params), ("clip", self.clips),
+                             ("range", self.ranges)):
+            for k, v in table.items():
+                key = f"{group}/{k}"
+                if key in state:
+                    v.assign(state[key])
+
+    def folded(self, name: str):
+        """The projection as the flatbuffer stores it (before quantization): the norm's
+        ``sqrt(dim) * gamma`` folded into its rows, ``1/sqrt(head_dim)`` into Wq."""
+        w = self.params[name]
+        layer, _, kind = name.rpartition(".")
+        root = math.sqrt(self.shape.dim)
+        if kind in ("wq", "wk", "wv"):
+            w = (root * self.params[f"{layer}.g1"])[:, None] * w
+        elif kind == "wup":
+            w = (root * self.params[f"{layer}.g2"])[:, None] * w
+        elif name == "head":
+            w = (root * self.params["gf"])[:, None] * w
+        if kind == "wq":
+            w = w / math.sqrt(self.shape.head_dim)
+        return w
+
+    def bits(self, name: str) -> int:
+        return self.precision.head_bits if name == "head" else self.precision.weight_bits
+
+    def init_clips(self) -> None:
+        """Clip ratios for the precision: 1 at 8 bits, least squares below."""
+        for name, clip in self.clips.items():
+            bits = self.bits(name)
+            clip.assign(np.ones(clip.shape, np.float32) if bits == 8
+                        else least_squares_clip(self.folded(name).numpy(), bits))
+
+    def quantized_weight(self, name: str):
+        """The 1x1-convolution kernel (1, 1, in, out), fake-quantized when quantized."""
+        w = self.folded(name)
+        w = tf.reshape(w, [1, 1, *w.shape])
+        if not self.quantized:
+            return w
+        top = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(w), axis=[0, 1, 2]), 1e-8))
+        return _fake_quant_pc(w, self.clips[name] * top, self.bits(name))
+
+    # ---------------------------------------------------------------- quantization
+
+    def freeze(self) -> dict:
+        """The ranges as Python numbers, for ``frozen``."""
+        return {k: tuple(float(x) for x in v.numpy()) for k, v in self.ranges.items()}
+
+    def bounds(self, name: str) -> tuple[float, float]:
+        """The range the frozen point ``name`` quantizes to (its learned range with the
+        score margin and logit span applied)."""
+        lo, hi = self.frozen[name]
+        if name.endswith("score"):
+            lo = min(lo, hi - self.precision.score_margin)
+        if name == "logits":
+            lo = min(max(lo, hi - self.precision.logit_span), 0.0)
+        return lo, max(hi, lo + 1e-3)
+
+    def q(self, name: str, x, observed=None):
+        """The activation quantization point ``name``; ``observed`` is what its range
+        follows (default ``x``; attention scores pass their unmasked values)."""
+        if not self.quantized:
+            return x
+        r = self.ranges[name]
+        if self.frozen:  # export: constants, no variable updates in the graph
+            lo, hi = self.bounds(name)
+            return tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8)
+        seen = x if observed is None else observed
+        lo_b = tf.minimum(tf.reduce_min(seen), 0.0)
+        hi_b = tf.maximum(tf.reduce_max(seen), 0.0)
+        mode = self.observe
+        m = self.momentum
+        new = tf.case([(tf.equal(mode, 1), lambda: tf.stack([tf.minimum(r[0], lo_b),
+                                                              tf.maximum(r[1], hi_b)])),
+                       (tf.equal(mode, 2), lambda: m * r + (1 - m) * tf.stack([lo_b, hi_b]))],
+                      default=lambda: tf.identity(r))
+        with tf.control_dependencies([r.assign(new)]):
+            lo, hi = tf.identity(r[0]), tf.identity(r[1])
+        if name.endswith("score"):
+            lo = tf.minimum(lo, hi - self.precision.score_margin)
+        if name == "logits":
+            lo = tf.minimum(tf.maximum(lo, hi - self.precision.logit_span), 0.0)
+        hi = tf.maximum(hi, lo + 1e-3)
+        return tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8)
+
+    def q_fixed(self, x, bounds):
+        if not self.quantized:
+            return x
+        return tf.quantization.fake_quant_with_min_max_vars(x, bounds[0], bounds[1],
+                                                            num_bits=8)
+
+    # --------------------------------------------------------------------- forward
+
+    def _linear(self, x, name):
+        w = self.quantized_weight(name)
+        lead = tf.shape(x)[:-1]
+        y = tf.nn.conv2d(tf.reshape(x, [1, 1, -1, w.shape[2]]), w, 1, "VALID")
+        return tf.reshape(y, tf.concat([lead, [w.shape[3]]], 0))
+
+    def _norm(self, x):
+        if not self.quantized:  # the float model's RMSNorm without its gain (folded)
+            return tf.math.l2_normalize(x, axis=-1)
+        return self.q_fixed(tf.math.l2_normalize(x, axis=-1), NORM_RANGE)
+
+    def _heads(self, x):
+        s = self.shape
+        return tf.transpose(tf.reshape(x, [-1, tf.shape(x)[1], s.heads, s.head_dim]),
+                            [0, 2, 1, 3])
+
+    def embed(self, tokens, positions):
+        x = (self.q("emb", tf.gather(self.params["emb"], tokens))
+             + self.q("pos", tf.gather(self.params["pos"], positions)))
+        return self.q("x0", x)
+
+    def qkv(self, i, x):
+        n = self._norm(x)
+        return [self._heads(self.q(f"{i}.{p}", self._linear(n, f"{i}.w{p}")))
+                for p in ("q", "k", "v")]
+
+    def attend(self, i, x, q, k, v, mask):
+        """The rest of block ``i``: attention of ``q`` over ``k``/``v`` where ``mask``
+        (broadcast to [B, H, Tq, Tk]) is true, then the MLP."""
+        s = tf.matmul(q, k, transpose_b=True)
+        s = self.q(f"{i}.score", tf.where(mask, s, MASKED), observed=tf.where(mask, s, 0.0))
+        p = self.q_fixed(tf.nn.softmax(s, axis=-1), SOFTMAX_RANGE)
+        a = self.q(f"{i}.attn", tf.matmul(p, v))
+        a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [-1, tf.shape(a)[2], self.shape.dim])
+        x = self.q(f"{i}.res1", x + self.q(f"{i}.o", self._linear(a, f"{i}.wo")))
+        h = self.q(f"{i}.mlp", tf.nn.relu(self._linear(self._norm(x), f"{i}.wup")))
+        return self.q(f"{i}.res2", x + self.q(f"{i}.down", self._linear(h, f"{i}.wdown")))
+
+    def head(self, x):
+        return self.q("logits", self._linear(self._norm(x), "head"))
+
+    def __call__(self, tokens):
+        """Teacher-forced logits [B, T, vocab] for tokens [B, T] (T <= context)."""
+        t = tf.shape(tokens)[1]
+        x = self.embed(tokens, tf.range(t)[None])
+        mask = tf.range(t)[None, :] <= tf.range(t)[:, None]
+        for i in range(self.shape.layers):
+            q, k, v = self.qkv(i, x)
+            x = self.attend(i, x, q, k, v, mask)
+        return self.head(x)
+
+    # --------------------------------------------------------- export signatures
+
+    def prefill(self, tokens):
+        """tokens [1, context] -> logits [1, context, vocab] and the KV cache."""
+        t = self.shape.context
+        x = self.embed(tokens, tf.range(t)[None])
+        mask = tf.range(t)[None, :] <= tf.range(t)[:, None]
+        out = {}
+        for i in range(self.shape.layers):
+            q, k, v = self.qkv(i, x)
+            out[f"kv_cache_k_{i}"], out[f"kv_cache_v_{i}"] = k, v
+            x = self.attend(i, x, q, k, v, mask)
+        out["logits"] = self.head(x)
+        return out
+
+    def decode(self, tokens, input_pos, **cache):
+        """One token [1, 1] at ``input_pos`` [1] with the cache -> logits [1, 1, vocab]
+        and the cache with that position written."""
+        t = self.shape.context
+        x = self.embed(tokens, input_pos[None])
+        here = (tf.range(t) == input_pos[0])[None, None, :, None]
+        mask = (tf.range(t) <= input_pos[0])[None, None, None, :]
+        out = {}
+        for i in range(self.shape.layers):
+            q, k, v = self.qkv(i, x)
+            kc = self.q(f"{i}.k", tf.where(here, k, self.q(f"{i}.k", cache[f"kv_cache_k_{i}"])))
+            vc = self.q(f"{i}.v", tf.where(here, v, self.q(f"{i}.v", cache[f"kv_cache_v_{i}"])))
+            out[f"kv_cache_k_{i}"], out[f"kv_cache_v_{i}"] = kc, vc
+            x = self.attend(i, x, q, kc, vc, mask)
+        out["logits"] = self.head(x)
+        return out
+
+    def cache_spec(self) -> dict:
+        s = self.shape
+        return {f"kv_cache_{c}_{i}": tf.TensorSpec([1, s.heads, s.context, s.head_dim],
+                                                   tf.float32)
+                for i in range(s.layers) for c in "kv"}
+
+    def parameter_count(self) -> int:
+        return int(sum(np.prod(v.shape) for v in self.params.values()))

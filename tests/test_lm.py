@@ -1,0 +1,165 @@
+"""The language-model pipeline, tiny: the real CLI, converter, LiteRT and runner.
+
+One small text pipeline (1 layer, dim 32, context 32, on the built-in corpus) runs through
+``python -m edgeqat.pipeline`` once per module; the tests read what it wrote. Figures the
+issue asks of every run are asserted on what it trained: both signatures fully integer,
+Keras QAT vs TFLite agreement, decode vs prefill.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgeqat.lm import evaluate, text
+from tests.conftest import ROOT
+
+TINY_LM = """
+name = "tiny_lm"
+seed = 0
+[data]
+name = "text"
+[lm]
+context = 32
+dim = 32
+layers = 1
+heads = 2
+steps = 150
+batch_size = 32
+qat_steps = 30
+eval_windows = 12
+decode_windows = 2
+generate_tokens = 12
+max_perplexity_increase = 0.05
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("lm")
+    (work / "tiny_lm.toml").write_text(TINY_LM)
+    p = subprocess.run([sys.executable, "-m", "edgeqat.pipeline", "--pipeline", "tiny_lm.toml",
+                        "--output_dir", "out"], cwd=work, capture_output=True, text=True,
+                       timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    return work / "out", p
+
+
+def test_the_run_writes_every_model_the_states_and_the_report(tiny_run):
+    out, p = tiny_run
+    names = {f.name for f in out.iterdir()}
+    assert {"float.tflite", "dynamic_int8.tflite", "ptq_w8a8.tflite", "qat_w8a8.tflite",
+            "lm_float.npz", "lm_qat.npz", "report.json", "report.md", "report.html",
+            "pipeline.toml", "device.toml", ".edgeqat-run"} <= names
+    assert "perplexity: float" in p.stdout
+    md = (out / "report.md").read_text()
+    assert "| QAT W8A8 |" in md and "## Generated" in md
+    assert "<img" in (out / "report.html").read_text()
+    assert not list(out.parent.glob("out.ckpt*"))  # no checkpoint left
+
+
+def test_both_signatures_are_fully_integer_with_the_cache_as_int8(tiny_run):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgeqat import inspect
+
+    out, _ = tiny_run
+    model = (out / "qat_w8a8.tflite").read_bytes()
+    ops = inspect.require_full_integer_everywhere(model, "qat")
+    assert set(ops) == {"prefill", "decode"}
+    it = Interpreter(model_content=model)
+    decode = it.get_signature_runner("decode")
+    ins = decode.get_input_details()
+    assert ins["tokens"]["dtype"] == np.int32 and ins["input_pos"]["dtype"] == np.int32
+    assert ins["kv_cache_k_0"]["dtype"] == np.int8
+    assert list(ins["kv_cache_v_0"]["shape"]) == [1, 2, 32, 16]
+    outs = decode.get_output_details()
+    assert outs["logits"]["dtype"] == np.int8 and outs["kv_cache_k_0"]["dtype"] == np.int8
+    # The decode cache output uses the input's scale: the loop feeds it back unchanged.
+    assert outs["kv_cache_k_0"]["quantization"] == ins["kv_cache_k_0"]["quantization"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["signatures"] == ["decode", "prefill"]
+    assert "L2_NORMALIZATION" in report["full_integer"]["prefill"]
+
+
+def test_keras_qat_and_tflite_agree_and_decode_matches_prefill(tiny_run):
+    out, _ = tiny_run
+    r = json.loads((out / "report.json").read_text())
+    kt = r["fidelity"]["keras_vs_tflite"]
+    assert kt["top1_agreement"] >= 0.99, kt
+    assert kt["logits_within"] >= 0.99, kt
+    dv = r["fidelity"]["decode_vs_prefill"]
+    assert dv["positions_within"] >= 0.999, dv
+    rows = {row["name"]: row for row in r["rows"]}
+    assert list(rows) == ["float", "dynamic_int8", "ptq_w8a8", "qat_w8a8"]
+    for row in rows.values():
+        assert np.isfinite(row["perplexity"]) and 1 < row["perplexity"] < 256
+        assert row["bits_per_byte"] == pytest.approx(np.log2(row["perplexity"]))
+        assert set(row["speed"]) == {"1", "2"}
+    # A W8A8 model of this size loses little; the trained model beats a uniform guess.
+    assert rows["qat_w8a8"]["perplexity"] < 1.05 * rows["float"]["perplexity"] < 60
+    assert rows["qat_w8a8"]["bytes"] < rows["float"]["bytes"]
+    assert r["data"]["sha256"] and r["data"]["corpus"] == text.BUILTIN
+    assert r["samples"]["prompt"] == "def "
+
+
+def test_the_runner_generates_from_a_prompt_with_numpy_and_litert(tiny_run):
+    out, _ = tiny_run
+    runner = ROOT / "edgeqat" / "harness" / "runner.py"
+    p = subprocess.run([sys.executable, str(runner), "--model", str(out / "qat_w8a8.tflite"),
+                        "--generate", "class ", "--max_new_tokens", "10"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("class ") and len(p.stdout.encode()) > len("class ")
+    r = json.loads((out / "report.json").read_text())
+    # The pipeline's sample came from the same decode loop on the device.
+    assert len(r["samples"]["qat_w8a8"].encode("utf-8", "replace")) >= 1
+    empty = subprocess.run([sys.executable, str(runner), "--model",
+                            str(out / "qat_w8a8.tflite"), "--generate", ""],
+                           capture_output=True, text=True, timeout=120)
+    assert empty.returncode == 2 and "the prompt has no tokens" in empty.stderr
+
+
+# ------------------------------------------------------------------ no TensorFlow
+
+
+def test_text_is_split_by_document_into_windows(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"d{i:02d}.txt").write_text(f"document {i} " * 40)
+    data = text.load_text(str(folder), context=15)
+    assert data.train.shape[1] == data.test.shape[1] == 16
+    assert data.split_documents["test"] == ["d00.txt", "d10.txt"]
+    assert data.split_documents["validation"] == ["d05.txt"]
+    test_bytes = bytes(data.test.reshape(-1).astype(np.uint8))
+    assert b"document 0" in test_bytes and b"document 3" not in test_bytes
+    assert text.decode(text.encode("é€")) == "é€"
+
+
+def test_the_builtin_corpus_is_the_named_stdlib_modules():
+    corpus = text.stdlib_corpus()
+    assert [n for n, _ in corpus.documents] == [f"{m}.py" for m in text.STDLIB_MODULES]
+    assert corpus.size > 1_000_000 and len(corpus.sha256) == 64
+
+
+def test_scores_agreement_and_gap():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    targets = rng.integers(0, 7, (2, 5))
+    s = evaluate.scores(logits, targets, logits)
+    assert s["top1_agreement"] == 1.0 and abs(s["kl"]) < 1e-9
+    uniform = evaluate.scores(np.zeros((1, 3, 256), np.float32), np.zeros((1, 3), int))
+    assert uniform["perplexity"] == pytest.approx(256) and uniform["bits_per_byte"] == \
+        pytest.approx(8)
+    a = np.array([[[0, 5, 1]]], np.int8)
+    b = np.array([[[0, 2, 1]]], np.int8)
+    got = evaluate.step_agreement(a, b)
+    assert got["top1_agreement"] == 1.0 and got["max_steps"] == 3
+    assert got["logits_within"] == pytest.approx(2 / 3) and got["positions_within"] == 0
+    assert evaluate.gap_recovered(10.0, 12.0, 10.5) == pytest.approx(0.75)
+    assert evaluate.gap_recovered(10.0, 10.001, 10.0) is None
