@@ -27,6 +27,7 @@ import inspect
 
 import numpy as np
 
+from edgeqat import layer_kinds
 from edgeqat import quantize_configs as qc
 from edgeqat.config import PolicyConfig
 from edgeqat.errors import UserError
@@ -219,10 +220,6 @@ def flatten(model: keras.Model) -> tuple[keras.Model, dict[str, tuple[str, str]]
 # ---------------------------------------------------------------------------- pass 2
 
 
-_FOLDABLE = (L.Conv2D, L.Conv1D, L.DepthwiseConv2D, L.Dense, L.Conv2DTranspose,
-             L.SeparableConv2D, L.SeparableConv1D)
-
-
 def _bn_factors(bn):
     """(scale, shift) with bn(x) = x * scale + shift, from the trained statistics."""
     w = dict(zip([v.name.split("/")[-1].split(":")[0] for v in bn.weights],
@@ -244,11 +241,12 @@ def _fold_weights(layer, bn):
     """The layer's weights with ``bn`` folded in (kernel scaled per output channel)."""
     scale, shift = _bn_factors(bn)
     weights = layer.get_weights()
-    kernel_index = 1 if isinstance(layer, L.SeparableConv2D | L.SeparableConv1D) else 0
+    row = layer_kinds.weighted(layer)
+    kernel_index = row.kernel_index
     kernel = weights[kernel_index]
-    if isinstance(layer, L.DepthwiseConv2D):
+    if row.bn_fold == layer_kinds.BnFold.DEPTHWISE:
         kernel = kernel * scale.reshape(kernel.shape[-2], kernel.shape[-1])
-    elif isinstance(layer, L.Conv2DTranspose):
+    elif row.bn_fold == layer_kinds.BnFold.TRANSPOSE:
         kernel = kernel * scale.reshape(1, 1, -1, 1)
     else:
         kernel = kernel * scale
@@ -279,7 +277,8 @@ def canonicalize(flat: keras.Model, origin: dict, wants_per_channel) -> tuple[ke
         return new_layer
 
     def fold_target(layer, node):
-        if not isinstance(layer, _FOLDABLE) or qc.activation_name(layer) != "linear":
+        row = layer_kinds.weighted(layer)
+        if row is None or row.bn_fold is None or qc.activation_name(layer) != "linear":
             return None
         outs = tf.nest.flatten(node.outputs)
         users = consumers.get(id(outs[0]), [])
@@ -321,7 +320,7 @@ def canonicalize(flat: keras.Model, origin: dict, wants_per_channel) -> tuple[ke
         act = qc.activation_name(layer)
         # Only the ops TFLite fuses an activation into keep it; the others (TRANSPOSE_CONV)
         # get it split out, so their own output has a trained range.
-        fusable = act in qc.FUSABLE_ACTIVATIONS and qc.fuses_activation(layer)
+        fusable = act in qc.FUSABLE_ACTIVATIONS and layer_kinds.fuses_activation(layer)
         name = layer.name
 
         if isinstance(layer, L.Conv1D | L.SeparableConv1D) and layer.data_format == \
@@ -448,7 +447,7 @@ def _separable(x, layer, weights, kernel, strides, padding, dilation, folded, na
 
 def _fused_into_next(layer, node, consumers) -> bool:
     """The layer's output goes only to a ReLU that TFLite fuses into this layer's op."""
-    if not qc.fuses_activation(layer) or qc.activation_name(layer) not in (
+    if not layer_kinds.fuses_activation(layer) or qc.activation_name(layer) not in (
             None, "linear"):
         return False
     outs = tf.nest.flatten(node.outputs)

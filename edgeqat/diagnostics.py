@@ -33,7 +33,7 @@ import numpy as np
 
 from edgeqat.graph import node_in
 from edgeqat.keras import keras
-from edgeqat.ptq import WEIGHTED, Calibrated, quantize, verify_target
+from edgeqat.ptq import Calibrated, adaround_fits, quantize, verify_target
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,8 @@ def layer_of(tensor: str, model: keras.Model) -> str | None:
     found = [seg for part in tensor.split(";") for seg in part.split("/") if seg in names]
     if not found:
         return None
-    weighted = [n for n in found if type(names[n]).__name__ in WEIGHTED
-                or type(getattr(names[n], "layer", None)).__name__ in WEIGHTED]
+    weighted = [n for n in found if adaround_fits(names[n])
+                or adaround_fits(getattr(names[n], "layer", None))]
     return weighted[0] if weighted else found[0]
 
 

@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgeqat import layer_kinds
 from edgeqat.config import PtqConfig
 from edgeqat.keras import keras, tf
-
-WEIGHTED = ("Conv1D", "Conv2D", "DepthwiseConv2D", "Dense")
 
 
 @dataclass(frozen=True)
@@ -227,7 +226,7 @@ def round_weights(model: keras.Model, bits: int, keep: tuple[str, ...] = ()) -> 
 _ZETA, _GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (Louizos et al. 2018)
 
 
-def _kernel_op(layer, x, w):
+def kernel_op(layer, x, w):
     """The layer's linear op (no bias, no activation) with kernel ``w``."""
     kind = type(layer).__name__
     if kind == "Dense":
@@ -239,7 +238,7 @@ def _kernel_op(layer, x, w):
                              dilations=layer.dilation_rate)
 
 
-def _channel_scale(layer, w: np.ndarray) -> np.ndarray:
+def channel_scale(layer, w: np.ndarray) -> np.ndarray:
     """Symmetric int8 scale per output channel, as TFLite's converter computes it."""
     axes = (0, 1) if type(layer).__name__ == "DepthwiseConv2D" else tuple(range(w.ndim - 1))
     return np.maximum(np.abs(w).max(axis=axes, keepdims=True), 1e-12) / 127.0
@@ -265,12 +264,12 @@ def adaround_kernel(layer, x: np.ndarray, iterations: int = 300, reg: float = 0.
       The kernel on the grid (float32 values ``s * n``), same shape as the layer's kernel.
     """
     w = layer.kernel.numpy().astype(np.float32)
-    s = _channel_scale(layer, w)
+    s = channel_scale(layer, w)
     floor = np.floor(w / s)
     rest = np.clip(w / s - floor, 0.01, 0.99)
     v = tf.Variable(-np.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1.0), dtype=tf.float32)
     x = tf.constant(x, tf.float32)
-    target = _kernel_op(layer, x, tf.constant(w))
+    target = kernel_op(layer, x, tf.constant(w))
     opt = keras.optimizers.Adam(1e-2)
     rng = np.random.default_rng(seed)
     warm = int(0.2 * iterations)
@@ -279,7 +278,7 @@ def adaround_kernel(layer, x: np.ndarray, iterations: int = 300, reg: float = 0.
     def step(xb, yb, beta, use_reg):
         with tf.GradientTape() as tape:
             wq = s * tf.clip_by_value(floor + _h(v), -127.0, 127.0)
-            rec = tf.reduce_mean(tf.square(_kernel_op(layer, xb, wq) - yb))
+            rec = tf.reduce_mean(tf.square(kernel_op(layer, xb, wq) - yb))
             h = _h(v)
             r = tf.reduce_mean(1.0 - tf.pow(tf.abs(2.0 * h - 1.0), beta))
             loss = rec + use_reg * reg * r
@@ -298,6 +297,13 @@ def adaround_kernel(layer, x: np.ndarray, iterations: int = 300, reg: float = 0.
     return (s * np.clip(q, -127, 127)).astype(np.float32)
 
 
+def adaround_fits(layer) -> bool:
+    """Whether AdaRound fits ``layer``'s kernel (``layer_kinds``: Conv1D/2D, depthwise,
+    Dense)."""
+    row = layer_kinds.weighted(layer)
+    return row is not None and row.adaround
+
+
 def adaround(model: keras.Model, x: np.ndarray, iterations: int = 300,
              layers: str = ".*") -> keras.Model:
     """A copy of ``model`` whose weighted layers' kernels are AdaRound-ed (see above).
@@ -308,7 +314,7 @@ def adaround(model: keras.Model, x: np.ndarray, iterations: int = 300,
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
     targets = [layer for layer in model.layers
-               if type(layer).__name__ in WEIGHTED and re.fullmatch(layers, layer.name)]
+               if adaround_fits(layer) and re.fullmatch(layers, layer.name)]
     if not targets:
         return copy
     probe = keras.Model(model.inputs, [layer.input for layer in targets])
