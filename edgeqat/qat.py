@@ -18,10 +18,11 @@
 * gradual precision: ``[[qat.precision]]`` entries set the weight (and optionally
   activation) bits of every quantizer from a named epoch on.
 
-The schedule acts on the quantizer objects held by tfmot's ``QuantizeWrapper`` /
-``QuantizeLayer`` (any ``Quantizer`` subclass, tfmot's or edgeqat's): each gets a gating
-subclass for the duration of ``fine_tune`` and its own class back afterwards, so the
-returned model, its saved config and its converted graph are exactly the annotated ones.
+The schedule acts on the quantizers held by tfmot's ``QuantizeWrapper`` /
+``QuantizeLayer`` (any ``Quantizer`` subclass, tfmot's or edgeqat's) through the one hook
+seam (``edgeqat.hooks``): each gets a ``ScheduleHook`` in its slot for the duration of
+``fine_tune``, taken out afterwards, so the returned model, its saved config and its
+converted graph are exactly the annotated ones.
 The switches are Python values read when the step function is traced; the step is
 retraced at each phase change (a handful per run).
 
@@ -48,6 +49,7 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
+from edgeqat import hooks
 from edgeqat.config import QatConfig, to_toml
 from edgeqat.data import Dataset
 from edgeqat.errors import UserError
@@ -57,9 +59,6 @@ from edgeqat.quantizers import Quantizer
 from edgeqat.train import accuracy
 
 _QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
-from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import (  # noqa: E402
-    QuantizeLayer as _QuantizeLayer,
-)
 
 
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
@@ -155,12 +154,17 @@ class Schedule:
 
 @dataclass
 class QuantizerSite:
-    """One quantizer in a QAT model: the object, what it quantizes and its variables."""
+    """One quantizer in a QAT model: the object, what it quantizes and its variables.
+
+    ``quantizer`` is the bare quantizer (under any hook in its slot); ``slot`` is where
+    the layer holds it (``hooks.Slot``).
+    """
 
     layer: str
     kind: str  # "weight" | "activation"
     quantizer: object
     variables: dict
+    slot: hooks.Slot | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_observer(self) -> bool:
@@ -182,23 +186,9 @@ class QuantizerSite:
 
 def quantizer_sites(model: keras.Model) -> list[QuantizerSite]:
     """Every quantizer of a tfmot-annotated model (tfmot's own or custom ones)."""
-    sites = []
-    for layer in model.layers:
-        if isinstance(layer, _QuantizeWrapper):
-            for _, q, qvars in getattr(layer, "_weight_vars", []):
-                sites.append(QuantizerSite(layer.name, "weight", q, dict(qvars)))
-            for act in getattr(layer, "_quantize_activations", []):
-                qvars = {**getattr(act, "_pre_activation_vars", {}),
-                         **getattr(act, "_post_activation_vars", {})}
-                sites.append(QuantizerSite(layer.name, "activation", act.quantizer, qvars))
-            if getattr(layer, "_output_quantizers", None):
-                sites.append(QuantizerSite(layer.name, "activation",
-                                           layer._output_quantizers[0],
-                                           dict(layer._output_quantizer_vars)))
-        elif isinstance(layer, _QuantizeLayer) and layer.quantizer is not None:
-            sites.append(QuantizerSite(layer.name, "activation", layer.quantizer,
-                                       dict(getattr(layer, "quantizer_vars", {}) or {})))
-    return sites
+    return [QuantizerSite(slot.layer.name, "weight" if slot.kind == "weight" else "activation",
+                          hooks.bare(slot.get()), slot.variables, slot)
+            for slot in hooks.slots(model)]
 
 
 def batchnorm_layers(model: keras.Model) -> list:
@@ -211,70 +201,76 @@ def batchnorm_layers(model: keras.Model) -> list:
     return out
 
 
-class _Switches:
-    """What the gated quantizers read when the step function is traced."""
+class ScheduleHook(hooks.Hook):
+    """A quantizer under the schedule (``hooks.Hook``): reads its owner's ``phase`` when
+    the step function is traced.
 
-    def __init__(self):
-        self.quantize = True
-        self.ranges_frozen = False
+    Fake quantization off (the delay): the input passes through unchanged, while the
+    quantizer still runs, so an observer keeps observing. Ranges frozen: an observer runs
+    in inference mode (reads its stored range, does not update it).
+    """
 
+    def __init__(self, quantizer, owner: ScheduleHooks, observer: bool):
+        super().__init__(quantizer)
+        self.owner = owner
+        self.observer = observer
 
-_GATED: dict[type, type] = {}
-
-
-def _gated_class(cls: type) -> type:
-    """A subclass of ``cls`` whose call obeys the schedule's switches."""
-    if cls not in _GATED:
-        def __call__(self, inputs, training, weights, **kwargs):  # noqa: N807
-            sw = self._edgeqat_switches
-            q_training = training
-            if sw.ranges_frozen and self._edgeqat_observer:
-                q_training = False  # read the stored range, do not update it
-            out = cls.__call__(self, inputs, q_training, weights, **kwargs)
-            if not sw.quantize:
-                return tf.identity(inputs)  # observers above still ran and observed
-            return out
-
-        _GATED[cls] = type(f"Scheduled{cls.__name__}", (cls,), {"__call__": __call__})
-    return _GATED[cls]
+    def call(self, inputs, training, weights, **kwargs):
+        phase = self.owner.phase
+        q_training = False if phase.ranges_frozen and self.observer else training
+        out = self.quantizer(inputs, q_training, weights, **kwargs)
+        if not phase.quantize:
+            return tf.identity(inputs)  # the quantizer above still ran and observed
+        return out
 
 
-class _Hooks:
-    """Installs the schedule on a QAT model's quantizers and BatchNorms; ``remove`` undoes."""
+class ScheduleHooks:
+    """Puts the schedule on a QAT model's quantizers and BatchNorms; ``remove`` undoes.
+
+    One ``ScheduleHook`` per quantizer object (in every slot that holds it); ``apply``
+    sets the phase they read, the BatchNorms' trainability and the bit widths.
+    """
 
     def __init__(self, model: keras.Model):
-        self.switches = _Switches()
+        self.model = model
+        self.phase = Phase()
         self.sites = quantizer_sites(model)
         self.bns = batchnorm_layers(model)
         self._bn_trainable = [bn.trainable for bn in self.bns]
-        self._classes = {}
+        self._bits0 = initial_bits(self.sites)
+        observer: dict[int, bool] = {}
         for site in self.sites:
-            q = site.quantizer
-            if id(q) in self._classes:
-                q._edgeqat_observer = q._edgeqat_observer and site.is_observer
-                continue
-            self._classes[id(q)] = (q, type(q))
-            q._edgeqat_switches = self.switches
-            q._edgeqat_observer = site.is_observer
-            q.__class__ = _gated_class(type(q))
-        self._bits0 = {id(s.quantizer): getattr(s.quantizer, "num_bits", None)
-                       for s in self.sites}
+            observer[id(site.slot.get())] = observer.get(id(site.slot.get()), True) \
+                and site.is_observer
+        made: dict[int, ScheduleHook] = {}
+        for site in self.sites:
+            q = site.slot.get()
+            if id(q) not in made:
+                made[id(q)] = ScheduleHook(q, self, observer[id(q)])
+            hooks.install(site.slot, made[id(q)])
 
     def apply(self, phase: Phase) -> None:
-        self.switches.quantize = phase.quantize
-        self.switches.ranges_frozen = phase.ranges_frozen
+        self.phase = phase
         for bn, was in zip(self.bns, self._bn_trainable, strict=True):
             bn.trainable = was and not phase.bn_frozen
-        for site in self.sites:
-            bits = phase.weight_bits if site.kind == "weight" else phase.activation_bits
-            set_bits(site, bits or self._bits0[id(site.quantizer)])
+        apply_bits(self.sites, phase, self._bits0)
 
     def remove(self) -> None:
-        for q, cls in self._classes.values():
-            q.__class__ = cls
-            del q._edgeqat_switches, q._edgeqat_observer
+        hooks.remove(self.model, ScheduleHook)
         for bn, was in zip(self.bns, self._bn_trainable, strict=True):
             bn.trainable = was
+
+
+def initial_bits(sites: list[QuantizerSite]) -> dict[int, int | None]:
+    """Each quantizer's bit width as annotated (what a phase's 0 bits means)."""
+    return {id(s.quantizer): getattr(s.quantizer, "num_bits", None) for s in sites}
+
+
+def apply_bits(sites: list[QuantizerSite], phase: Phase, bits0: dict[int, int | None]) -> None:
+    """Sets every quantizer's bit width to ``phase``'s (0: as annotated)."""
+    for site in sites:
+        bits = phase.weight_bits if site.kind == "weight" else phase.activation_bits
+        set_bits(site, bits or bits0[id(site.quantizer)])
 
 
 def set_bits(site: QuantizerSite, bits: int | None) -> None:
@@ -568,7 +564,7 @@ def fine_tune(qat_model: keras.Model, data: Dataset, cfg: QatConfig, *,
     with strategy.scope():
         optimizer = keras.optimizers.Adam(lr)
         optimizer.build(model.trainable_variables)
-    hooks = _Hooks(model)
+    scheduled = ScheduleHooks(model)
     ckpt = None
     if cfg.checkpoint_dir:
         ckpt = _Checkpoints(cfg.checkpoint_dir,
@@ -631,15 +627,15 @@ def fine_tune(qat_model: keras.Model, data: Dataset, cfg: QatConfig, *,
     step0, history = 0, []
     phase = plan.phase(0)
     try:
-        hooks.apply(plan.phase(0))
+        scheduled.apply(plan.phase(0))
         if ckpt is not None:
-            hooks.apply(plan.phase(ckpt.peek_step()))  # bits before restore (LSQ steps)
+            scheduled.apply(plan.phase(ckpt.peek_step()))  # bits before restore (LSQ steps)
             step0, history = ckpt.restore()
             if step0:
                 logging.info("QAT resumes at step %d (epoch %d) from %s", step0,
                              step0 // spe, cfg.checkpoint_dir)
         phase = plan.phase(step0)
-        hooks.apply(phase)
+        scheduled.apply(phase)
         train_step, logits_of = make_step(), make_eval()
         events.append((step0, _describe(phase)))
         cb.on_train_begin()
@@ -657,7 +653,7 @@ def fine_tune(qat_model: keras.Model, data: Dataset, cfg: QatConfig, *,
                     new = plan.phase(step)
                     if new != phase:
                         phase = new
-                        hooks.apply(phase)
+                        scheduled.apply(phase)
                         train_step, logits_of = make_step(), make_eval()
                         events.append((step, _describe(phase)))
                         logging.info("QAT step %d: %s", step, _describe(phase))
@@ -688,11 +684,10 @@ def fine_tune(qat_model: keras.Model, data: Dataset, cfg: QatConfig, *,
                     ckpt.save(step, history)
         cb.on_train_end()
     finally:
-        hooks.remove()
+        scheduled.remove()
     if model is not qat_model:  # distributed: copy back into the caller's model
-        origin = _Hooks(qat_model)
-        origin.apply(phase)  # the bit widths the schedule ended with
-        origin.remove()
+        sites = quantizer_sites(qat_model)
+        apply_bits(sites, phase, initial_bits(sites))  # the bit widths the schedule ended with
         qat_model.set_weights(model.get_weights())
     return QatResult(qat_model, accuracy(qat_model, data.x_test, data.y_test), cfg.epochs,
                      time.perf_counter() - start, tuple(history), tuple(events), replicas,
