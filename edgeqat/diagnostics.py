@@ -33,6 +33,7 @@ import numpy as np
 
 from edgeqat.graph import node_in
 from edgeqat.keras import keras
+from edgeqat.modes import MODES, Mode
 from edgeqat.ptq import Calibrated, adaround_fits, quantize, verify_target
 
 
@@ -129,7 +130,7 @@ def _output_layer(model: keras.Model) -> str:
 
 
 def ptq_layer_errors(cal: Calibrated, model: keras.Model, x: np.ndarray,
-                     name: str = "ptq_int8") -> Diagnostics:
+                     name: str = MODES[Mode.INT8].ptq_name) -> Diagnostics:
     """Per-layer error of the PTQ model of ``cal`` via TF's QuantizationDebugger.
 
     Args:
@@ -229,7 +230,8 @@ def _output_in(model: keras.Model, layer) -> object:
 
 
 def direct_layer_errors(tflite: bytes, model: keras.Model, x: np.ndarray,
-                        name: str = "qat_int8", reference: str = "QAT Keras model",
+                        name: str = MODES[Mode.INT8].qat_name,
+                        reference: str = "QAT Keras model",
                         ) -> Diagnostics:
     """Per-layer error by comparing every quantized intermediate tensor with Keras.
 

@@ -7,7 +7,7 @@ calibration serve several quantized variants, which is what diagnostics and ``au
 need:
 
 * ``quantize(cal)``: full integer int8 (int8 input and output), the same as
-  ``convert.to_tflite(model, "int8", calibration=...)``;
+  ``convert.to_tflite(model, Mode.INT8, calibration=...)``;
 * ``quantize(cal, float_nodes=[...])``: selective quantization, the named op outputs stay
   float (TF's ``denylisted_nodes``; the model is then no longer fully integer);
 * ``quantize(cal, debug=True)``: the NumericVerify-instrumented model that
@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgeqat import layer_kinds
+from edgeqat import layer_kinds, modes
 from edgeqat.config import PtqConfig
 from edgeqat.keras import keras, tf
+from edgeqat.modes import Mode, PtqRoute
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def calibrate(model: keras.Model, x_calib: np.ndarray, cfg: PtqConfig | None = N
     return Calibrated(calibrated, cfg.calibration, tuple(layer.name for layer in model.layers))
 
 
-def quantize(cal: Calibrated, *, activations: str = "int8", float_nodes=(),
+def quantize(cal: Calibrated, *, activations: str = Mode.INT8, float_nodes=(),
              debug: bool = False) -> bytes:
     """Quantizes a calibrated model.
 
@@ -105,7 +106,7 @@ def quantize(cal: Calibrated, *, activations: str = "int8", float_nodes=(),
     from tensorflow.compiler.mlir.lite import types_pb2
     from tensorflow.lite.python import convert as lite_convert
 
-    if activations != "int8":
+    if activations != Mode.INT8:
         raise ValueError("quantize() makes int8 models; for 16x8 use convert.to_tflite: "
                          "mlir_quantize's int16 path gives zero points the kernels reject")
     from edgeqat.convert import CONVERTER_NOISE
@@ -125,10 +126,11 @@ def quantize(cal: Calibrated, *, activations: str = "int8", float_nodes=(),
 
 def post_training(model: keras.Model, x_calib: np.ndarray, mode: str,
                   cfg: PtqConfig | None = None) -> tuple[bytes, Calibrated | None]:
-    """The PTQ baseline of ``mode``; returns the flatbuffer and (int8) its calibration."""
+    """The PTQ baseline of ``mode`` by its route (``modes.ModeSpec.ptq_route``); returns
+    the flatbuffer and, on the calibrate-then-quantize route, its calibration."""
     from edgeqat.convert import to_tflite
 
-    if mode != "int8":  # 16x8 and int4 weights: the converter's own route, min/max ranges
+    if modes.spec(mode).ptq_route == PtqRoute.CONVERTER:  # min/max ranges
         return to_tflite(model, mode, calibration=x_calib), None
     cal = calibrate(model, x_calib, cfg)
     return quantize(cal), cal

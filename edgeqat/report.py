@@ -14,8 +14,9 @@ import json
 import os
 from pathlib import Path
 
-from edgeqat import __version__
+from edgeqat import __version__, modes
 from edgeqat.config import DeviceConfig, PipelineConfig
+from edgeqat.modes import FLOAT
 
 
 def _pct(v: float | None) -> str:
@@ -36,7 +37,7 @@ def build_report(cfg: PipelineConfig, device: DeviceConfig, data: dict, trained,
         type: says whether int4 weights are stored as ``int4``).
     """
     mode = cfg.convert.mode
-    qat_name = f"qat_{mode}"
+    qat_name = modes.spec(mode).qat_name
     m = validation.models
     shipped = auto.chosen if auto is not None else qat_name
     float_acc = trained.accuracy
@@ -44,8 +45,8 @@ def build_report(cfg: PipelineConfig, device: DeviceConfig, data: dict, trained,
     lat = {name: {"median_ms": r.latency["median_ms"], "p90_ms": r.latency["p90_ms"],
                   "min_ms": r.latency["min_ms"], "runs": r.latency["runs"]}
            for name, r in m.items()}
-    accuracy = {"float_keras": float_acc, "float_tflite": m["float"].accuracy}
-    accuracy |= {name: r.accuracy for name, r in m.items() if name != "float"}
+    accuracy = {"float_keras": float_acc, "float_tflite": m[FLOAT].accuracy}
+    accuracy |= {name: r.accuracy for name, r in m.items() if name != FLOAT}
     if tuned is not None:
         accuracy["qat_keras"] = tuned.accuracy
     budget = {
@@ -71,7 +72,10 @@ def build_report(cfg: PipelineConfig, device: DeviceConfig, data: dict, trained,
         "agreement": {name: a.to_dict() for name, a in validation.agreement.items()},
         "size_bytes": {name: r.size_bytes for name, r in m.items()},
         "latency": lat,
-        "int8_speedup_median": lat["float"]["median_ms"] / lat[shipped]["median_ms"],
+        # The shipped model's median-latency speed-up over float, and its mode (None for
+        # auto mode's partly-float candidates): 16x8 or int4 models are not int8.
+        "speedup_over_float": {"model": shipped, "mode": modes.mode_of(shipped),
+                               "median": lat[FLOAT]["median_ms"] / lat[shipped]["median_ms"]},
         "ops": {
             "model": f"{shipped}.tflite",
             "full_integer": all(op.is_integer for op in ops),
@@ -211,8 +215,7 @@ def to_markdown(r: dict, plots: dict[str, str] | None = None) -> str:
         f"; ops: " + ", ".join(f"{k} x{v}" for k, v in sorted(ops["counts"].items())) + ".",
         *_storage_markdown(ops["model"], ops.get("storage")),
         "",
-        f"Speed-up of `{ops['model']}` over float (median latency): "
-        f"{r['int8_speedup_median']:.2f}x.",
+        _speedup_markdown(r["speedup_over_float"]),
         "",
         "Stage timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["stage_seconds"].items())
         + ".",
@@ -221,6 +224,12 @@ def to_markdown(r: dict, plots: dict[str, str] | None = None) -> str:
     for name, path in (plots or {}).items():
         lines += [f"![{FIGURE_TITLES[name]}]({path})", ""]
     return "\n".join(lines)
+
+
+def _speedup_markdown(speedup: dict) -> str:
+    mode = f" ({speedup['mode']})" if speedup.get("mode") else ""
+    return (f"Speed-up of `{speedup['model']}.tflite`{mode} over float (median latency): "
+            f"{speedup['median']:.2f}x.")
 
 
 def _model_source_markdown(source: dict | None) -> list[str]:
@@ -445,9 +454,10 @@ def headline(r: dict, output_dir: Path) -> str:
     acc = r["accuracy"]
     b = r["budget"]
     shipped = b["shipped"]
-    parts = [f"float {_pct(acc['float_keras'])}", f"PTQ {mode} {_pct(acc.get(f'ptq_{mode}'))}"]
-    if f"qat_{mode}" in acc:
-        parts.append(f"QAT {mode} {_pct(acc[f'qat_{mode}'])}")
+    row = modes.spec(mode)
+    parts = [f"float {_pct(acc['float_keras'])}", f"PTQ {mode} {_pct(acc.get(row.ptq_name))}"]
+    if row.qat_name in acc:
+        parts.append(f"QAT {mode} {_pct(acc[row.qat_name])}")
     if r.get("auto"):
         parts.append(f"auto chose {shipped} {_pct(acc.get(shipped))}")
     parts[-1] += f" ({'within' if b['within_budget'] else 'OUTSIDE'} budget)"
