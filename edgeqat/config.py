@@ -451,7 +451,7 @@ def _convert(value: Any, tp: Any, where: str, file: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{file}: [{where}] must be a table")
-        return _from_table(tp, value, where, file)
+        return from_table(tp, value, where, file)
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -466,7 +466,16 @@ def _convert(value: Any, tp: Any, where: str, file: str) -> Any:
     return value
 
 
-def _from_table(cls: type, table: dict, prefix: str, file: str) -> Any:
+def from_table(cls: type, table: dict, prefix: str = "", file: str = "") -> Any:
+    """A config dataclass ``cls`` from a parsed TOML ``table``, checked as a file is.
+
+    Args:
+      prefix: the dotted key of ``table`` (errors name ``prefix.key``).
+      file: the file it came from, for error messages.
+
+    Raises:
+      ConfigError: an unknown key, a wrong type or a value outside a field's choices.
+    """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     kwargs = {}
@@ -532,7 +541,7 @@ def load_pipeline(path: str | Path = DEFAULT_PIPELINE,
             node = node.setdefault(t, {})
         node[last] = value
     try:
-        cfg = _from_table(PipelineConfig, table, "", str(path))
+        cfg = from_table(PipelineConfig, table, "", str(path))
     except ConfigError as e:
         hit = [k for k in (overrides or {}) if f" {k} " in f" {e} "]
         if hit:
@@ -553,7 +562,7 @@ def load_device(path: str | Path = DEFAULT_DEVICE) -> DeviceConfig:
       ConfigError: the file is missing, malformed, or has a bad key or value.
     """
     path, table = _read_toml(path, "device")
-    cfg = _from_table(DeviceConfig, table, "", str(path))
+    cfg = from_table(DeviceConfig, table, "", str(path))
     conn = cfg.connection
     cfg = dataclasses.replace(cfg, connection=dataclasses.replace(
         conn, identity_file=_resolve_user(conn.identity_file, path),

@@ -356,7 +356,7 @@ def _replica_model(qat_model: keras.Model, strategy) -> keras.Model:
 # ---------------------------------------------------------------------------- checkpoints
 
 
-class _Checkpoints:
+class Checkpoints:
     """``model`` + ``optimizer`` (its step is the schedule position) every epoch.
 
     ``state.json`` names the newest complete checkpoint, the fingerprint of the run it
@@ -533,12 +533,12 @@ class TrainingPlan:
 
 
 def _open_checkpoints(cfg: QatConfig, fingerprint_now: dict, model, optimizer,
-                      strategy) -> _Checkpoints | None:
+                      strategy) -> Checkpoints | None:
     """The run's checkpoints (None when ``cfg.checkpoint_dir`` is unset); one from a
     different run is discarded with a warning saying what changed."""
     if not cfg.checkpoint_dir:
         return None
-    ckpt = _Checkpoints(cfg.checkpoint_dir, fingerprint_now, model, optimizer,
+    ckpt = Checkpoints(cfg.checkpoint_dir, fingerprint_now, model, optimizer,
                         _is_chief(strategy))
     changed = ckpt.stale()
     if changed:
@@ -549,7 +549,7 @@ def _open_checkpoints(cfg: QatConfig, fingerprint_now: dict, model, optimizer,
     return ckpt
 
 
-def _resume(scheduled: ScheduleHooks, schedule: Schedule, ckpt: _Checkpoints | None,
+def _resume(scheduled: ScheduleHooks, schedule: Schedule, ckpt: Checkpoints | None,
             where: str) -> tuple[int, list]:
     """Restores the newest checkpoint, if any: (its step, its epoch history)."""
     scheduled.apply(schedule.phase(0))
@@ -637,7 +637,7 @@ class _Loop:
         return self.strategy.experimental_distribute_dataset(ds.with_options(self.options))
 
 
-def _train(loop: _Loop, scheduled: ScheduleHooks, ckpt: _Checkpoints | None, cb,
+def _train(loop: _Loop, scheduled: ScheduleHooks, ckpt: Checkpoints | None, cb,
            cfg: QatConfig, step0: int, history: list, events: list) -> Phase:
     """Runs the epochs from global step ``step0``; appends to ``history`` and ``events``.
 

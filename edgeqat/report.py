@@ -213,7 +213,7 @@ def to_markdown(r: dict, plots: dict[str, str] | None = None) -> str:
         "",
         f"`{ops['model']}` is {'fully integer' if ops['full_integer'] else 'NOT fully integer'}"
         f"; ops: " + ", ".join(f"{k} x{v}" for k, v in sorted(ops["counts"].items())) + ".",
-        *_storage_markdown(ops["model"], ops.get("storage")),
+        *storage_markdown(ops["model"], ops.get("storage")),
         "",
         _speedup_markdown(r["speedup_over_float"]),
         "",
@@ -240,7 +240,7 @@ def _model_source_markdown(source: dict | None) -> list[str]:
     return [f"Float model: `{source['path']}`, {how}.", ""]
 
 
-def _storage_markdown(model: str, st: dict | None, limit: int = 30) -> list[str]:
+def storage_markdown(model: str, st: dict | None, limit: int = 30) -> list[str]:
     """The shipped file's stored constants: bytes per type, then each tensor's type."""
     if not st or not st.get("constants"):
         return []
