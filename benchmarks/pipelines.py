@@ -18,7 +18,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgeqat import report  # noqa: E402
+from edgeqat import modes, report  # noqa: E402
 from edgeqat.pipeline import resolve_configs, run  # noqa: E402
 
 flags.DEFINE_list("pipelines", ["digits_dscnn", "mnist1d_cnn", "digits_dscnn_int16x8",
@@ -38,22 +38,23 @@ def main(argv):
         start = time.perf_counter()
         r = run(cfg, dev).report
         mode = r["pipeline"]["mode"]
-        acc, size, lat = r["accuracy"], r["size_bytes"], r["latency"]
+        row = modes.spec(mode)
+        acc, size = r["accuracy"], r["size_bytes"]
         rows.append({
             "pipeline": name, "mode": mode, "data": r["data"]["name"],
             "eval_samples": r["data"]["test"],
-            "float": acc["float_keras"], "ptq": acc[f"ptq_{mode}"], "qat": acc[f"qat_{mode}"],
+            "float": acc["float_keras"], "ptq": acc[row.ptq_name], "qat": acc[row.qat_name],
             "qat_drop_points": 100 * r["budget"]["qat_drop_vs_float"],
-            "agreement_top1": r["agreement"][f"qat_{mode}"]["top1"],
-            "float_kib": size["float"] / 1024, "qat_kib": size[f"qat_{mode}"] / 1024,
-            "size_ratio": size[f"qat_{mode}"] / size["float"],
-            "int8_speedup": lat["float"]["median_ms"] / lat[f"qat_{mode}"]["median_ms"],
+            "agreement_top1": r["agreement"][row.qat_name]["top1"],
+            "float_kib": size["float"] / 1024, "qat_kib": size[row.qat_name] / 1024,
+            "size_ratio": size[row.qat_name] / size["float"],
+            "speedup": r["speedup_over_float"]["median"],  # of row.qat_name (what ships)
             "full_integer": r["ops"]["full_integer"],
             "wall_s": time.perf_counter() - start,
         })
     lines = [
         "| pipeline | data (eval n) | float | PTQ | QAT | QAT drop | Keras/TFLite top-1 "
-        "| size int8/float | int8 speed-up | full integer | wall |",
+        "| size QAT/float | QAT speed-up | full integer | wall |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|:---:|---:|",
     ]
     for x in rows:
@@ -62,7 +63,7 @@ def main(argv):
             f"{100 * x['float']:.2f}% | {100 * x['ptq']:.2f}% | {100 * x['qat']:.2f}% | "
             f"{x['qat_drop_points']:+.2f} pt | {100 * x['agreement_top1']:.2f}% | "
             f"{x['size_ratio']:.2f} ({x['qat_kib']:.1f}/{x['float_kib']:.1f} KiB) | "
-            f"{x['int8_speedup']:.2f}x | {'yes' if x['full_integer'] else 'NO'} | "
+            f"{x['speedup']:.2f}x | {'yes' if x['full_integer'] else 'NO'} | "
             f"{x['wall_s']:.0f} s |")
     latency = ("Latency is a ratio from the same run. These reference models take tens of "
                "microseconds per invoke, so the fixed per-invoke cost dominates and int8 is "

@@ -24,9 +24,11 @@ wrappers and edgeqat's own serializable objects, so it saves and loads inside ``
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import numpy as np
 
+from edgeqat import layer_kinds
 from edgeqat import quantize_configs as qc
 from edgeqat.config import PolicyConfig
 from edgeqat.errors import UserError
@@ -219,10 +221,6 @@ def flatten(model: keras.Model) -> tuple[keras.Model, dict[str, tuple[str, str]]
 # ---------------------------------------------------------------------------- pass 2
 
 
-_FOLDABLE = (L.Conv2D, L.Conv1D, L.DepthwiseConv2D, L.Dense, L.Conv2DTranspose,
-             L.SeparableConv2D, L.SeparableConv1D)
-
-
 def _bn_factors(bn):
     """(scale, shift) with bn(x) = x * scale + shift, from the trained statistics."""
     w = dict(zip([v.name.split("/")[-1].split(":")[0] for v in bn.weights],
@@ -244,11 +242,12 @@ def _fold_weights(layer, bn):
     """The layer's weights with ``bn`` folded in (kernel scaled per output channel)."""
     scale, shift = _bn_factors(bn)
     weights = layer.get_weights()
-    kernel_index = 1 if isinstance(layer, L.SeparableConv2D | L.SeparableConv1D) else 0
+    row = layer_kinds.weighted(layer)
+    kernel_index = row.kernel_index
     kernel = weights[kernel_index]
-    if isinstance(layer, L.DepthwiseConv2D):
+    if row.bn_fold == layer_kinds.BnFold.DEPTHWISE:
         kernel = kernel * scale.reshape(kernel.shape[-2], kernel.shape[-1])
-    elif isinstance(layer, L.Conv2DTranspose):
+    elif row.bn_fold == layer_kinds.BnFold.TRANSPOSE:
         kernel = kernel * scale.reshape(1, 1, -1, 1)
     else:
         kernel = kernel * scale
@@ -258,48 +257,48 @@ def _fold_weights(layer, bn):
     return out
 
 
-def canonicalize(flat: keras.Model, origin: dict, wants_per_channel) -> tuple[keras.Model, dict]:
-    """The canonical float model (see the module docstring); same function as ``flat``.
+class _Canon:
+    """The state of one ``canonicalize`` pass, handed to every rewrite rule."""
 
-    Args:
-      flat: output of ``flatten``.
-      origin: its origin map (extended here for derived layers).
-      wants_per_channel: name -> whether per-channel weights are asked for (Dense route).
-    """
-    names = _Names()
-    for layer in flat.layers:
-        if isinstance(layer, L.InputLayer):
-            names(layer.name)
-    consumers = _consumers(flat)
-    folded: set[int] = set()
-    origin = dict(origin)
+    def __init__(self, flat: keras.Model, origin: dict, wants_per_channel):
+        self.names = _Names()
+        for layer in flat.layers:
+            if isinstance(layer, L.InputLayer):
+                self.names(layer.name)
+        self.consumers = _consumers(flat)
+        self.folded: set[int] = set()  # BNs folded into the layer before, ReLUs moved
+        self.origin = dict(origin)
+        self.wants_per_channel = wants_per_channel
 
-    def derive(new_layer, source_name):
-        origin[new_layer.name] = origin.get(source_name, (source_name, "?"))
+    def derive(self, new_layer, source_name):
+        self.origin[new_layer.name] = self.origin.get(source_name, (source_name, "?"))
         return new_layer
 
-    def fold_target(layer, node):
-        if not isinstance(layer, _FOLDABLE) or qc.activation_name(layer) != "linear":
+    def fold_target(self, layer, node):
+        """The BatchNormalization that folds into ``layer`` (its lone consumer), if any."""
+        row = layer_kinds.weighted(layer)
+        if row is None or row.bn_fold is None or qc.activation_name(layer) != "linear":
             return None
         outs = tf.nest.flatten(node.outputs)
-        users = consumers.get(id(outs[0]), [])
+        users = self.consumers.get(id(outs[0]), [])
         if len(outs) == 1 and len(users) == 1 and isinstance(users[0], L.BatchNormalization) \
                 and _bn_last_axis(users[0]) and len(users[0]._inbound_nodes) == 1:
             return users[0]
         return None
 
-    def relu_consumer(layer, node, bn):
+    def relu_consumer(self, node, bn):
         """The lone ReLU that reads this layer's (or its folded BN's) output, if any."""
         src = bn._inbound_nodes[0] if bn is not None else node
         outs = tf.nest.flatten(src.outputs)
-        users = consumers.get(id(outs[0]), [])
+        users = self.consumers.get(id(outs[0]), [])
         if len(outs) == 1 and len(users) == 1 and qc.is_fusable_relu(users[0]) \
                 and len(users[0]._inbound_nodes) == 1:
             return users[0]
         return None
 
-    def activation_after(x, act, base, src):
+    def activation_after(self, x, act, base, src):
         """Applies activation ``act`` as separate layers (swish as sigmoid * x)."""
+        names, derive = self.names, self.derive
         if act in ("linear", None):
             return x
         if act == "swish":
@@ -309,117 +308,203 @@ def canonicalize(flat: keras.Model, origin: dict, wants_per_channel) -> tuple[ke
             return derive(L.ReLU(6.0, name=names(base + "_relu6")), src)(x)
         return derive(L.Activation(act, name=names(base + "_" + act)), src)(x)
 
+
+@dataclass(frozen=True)
+class _Node:
+    """One node being canonicalized: the layer, its call, and what folding decided."""
+
+    layer: object
+    node: object
+    args: tuple
+    kwargs: dict
+    bn: object  # the BatchNormalization folded into it, or None
+    weights: list  # its weights, with ``bn`` folded in
+    act: str | None  # its activation's name
+    fusable: bool  # TFLite fuses ``act`` into its op, so it stays on the layer
+
+    @property
+    def x(self):
+        return self.args[0] if self.args else None
+
+    @property
+    def name(self) -> str:
+        return self.layer.name
+
+
+# ---- rewrite rules: (canon, n) -> the node's new output, or None when the rule does not
+# apply. Tried in ``REWRITES`` order; a node no rule takes is kept (``_keep``).
+
+
+def _conv1d_as_conv2d(c: _Canon, n: _Node):
+    """Conv1D / SeparableConv1D as their 2-D forms between reshapes; a ReLU after it goes
+    before the reshape back, next to the convolution TFLite fuses it into."""
+    layer, x, weights, name = n.layer, n.x, n.weights, n.name
+    if not (isinstance(layer, L.Conv1D | L.SeparableConv1D)
+            and layer.data_format == "channels_last" and getattr(layer, "groups", 1) == 1):
+        return None
+    names, derive = c.names, c.derive
+    k, s, d = layer.kernel_size[0], layer.strides[0], layer.dilation_rate[0]
+    h = derive(L.Reshape((1, -1, x.shape[-1]), name=names(name + "_to2d")), name)(x)
+    padding = layer.padding
+    if padding == "causal":
+        h = derive(L.ZeroPadding2D(((0, 0), (d * (k - 1), 0)),
+                                   name=names(name + "_causal")), name)(h)
+        padding = "valid"
+    if isinstance(layer, L.Conv1D):
+        conv = derive(L.Conv2D(layer.filters, (1, k), (1, s), padding,
+                               dilation_rate=(1, d), use_bias=layer.use_bias or
+                               n.bn is not None, name=names(name)), name)
+        h = conv(h)
+        conv.set_weights([weights[0][None]] + weights[1:])
+    else:
+        h = _separable(h, layer, weights, (1, k), (1, s), padding, (1, d),
+                       n.bn is not None, names, derive)
+    # The activation goes before the reshape back (ReLU commutes with it), and so does a
+    # ReLU layer that follows: next to the convolution TFLite fuses it (one CONV_2D, no
+    # separately quantized pre-activation output, no RELU op).
+    h = c.activation_after(h, n.act, name, name)
+    relu = c.relu_consumer(n.node, n.bn) if n.act in ("linear", None) else None
+    if relu is not None:
+        h = derive(_clone(relu, names(relu.name)), relu.name)(h)
+        c.folded.add(id(relu))
+    return derive(L.Reshape((-1, layer.filters), name=names(name + "_to1d")), name)(h)
+
+
+def _split_separable2d(c: _Canon, n: _Node):
+    """SeparableConv2D as depthwise + pointwise."""
+    layer = n.layer
+    if not isinstance(layer, L.SeparableConv2D):
+        return None
+    h = _separable(n.x, layer, n.weights, layer.kernel_size, layer.strides, layer.padding,
+                   layer.dilation_rate, n.bn is not None, c.names, c.derive)
+    return c.activation_after(h, n.act, n.name, n.name)
+
+
+def _per_channel_dense(c: _Canon, n: _Node):
+    """A Dense asked for per-channel weights as a 1x1 Conv2D between reshapes (per-axis
+    Dense does not convert)."""
+    layer, x, name = n.layer, n.x, n.name
+    if not (isinstance(layer, L.Dense) and c.wants_per_channel(name)
+            and x.shape.rank in (2, 3)):
+        return None
+    names, derive = c.names, c.derive
+    units, depth = layer.units, x.shape[-1]
+    shape_in = (1, 1, depth) if x.shape.rank == 2 else (1, -1, depth)
+    shape_out = (units,) if x.shape.rank == 2 else (-1, units)
+    h = derive(L.Reshape(shape_in, name=names(name + "_to4d")), name)(x)
+    conv = derive(L.Conv2D(units, 1, use_bias=layer.use_bias or n.bn is not None,
+                           activation=n.act if n.fusable else None,
+                           name=names(name)), name)
+    h = conv(h)
+    conv.set_weights([n.weights[0][None, None]] + n.weights[1:])
+    h = derive(L.Reshape(shape_out, name=names(name + "_to2d")), name)(h)
+    return h if n.fusable else c.activation_after(h, n.act, name, name)
+
+
+def _rescaling_as_affine(c: _Canon, n: _Node):
+    if not isinstance(n.layer, L.Rescaling):
+        return None
+    return c.derive(ChannelAffine(n.layer.scale, n.layer.offset, name=c.names(n.name)),
+                    n.name)(n.x)
+
+
+def _normalization_as_affine(c: _Canon, n: _Node):
+    """A last-axis, non-inverting Normalization as ``ChannelAffine``."""
+    layer, x = n.layer, n.x
+    if not (isinstance(layer, L.Normalization) and len(layer.axis) == 1
+            and layer.axis[0] in (-1, x.shape.rank - 1)) or layer.invert is not False:
+        return None
+    mean = np.asarray(layer.mean).reshape(-1)
+    std = np.maximum(np.sqrt(np.asarray(layer.variance).reshape(-1)), keras.backend.epsilon())
+    inv = np.broadcast_to(1.0 / std, (x.shape[-1],))
+    return c.derive(ChannelAffine(inv, np.broadcast_to(-mean, inv.shape) * inv,
+                                  name=c.names(n.name)), n.name)(x)
+
+
+def _batchnorm_as_affine(c: _Canon, n: _Node):
+    """A BatchNormalization that folded into nothing, as ``ChannelAffine``."""
+    if not (isinstance(n.layer, L.BatchNormalization) and _bn_last_axis(n.layer)):
+        return None
+    scale, shift = _bn_factors(n.layer)
+    return c.derive(ChannelAffine(scale, shift, name=c.names(n.name)), n.name)(n.x)
+
+
+def _swish_split(c: _Canon, n: _Node):
+    if not (isinstance(n.layer, L.Activation) and n.act == "swish"):
+        return None
+    return c.activation_after(n.x, "swish", n.name, n.name)
+
+
+def _relu6_as_relu_layer(c: _Canon, n: _Node):
+    if not (isinstance(n.layer, L.Activation) and n.act == "relu6"):
+        return None
+    return c.derive(L.ReLU(6.0, name=c.names(n.name)), n.name)(n.x)
+
+
+REWRITES = (_conv1d_as_conv2d, _split_separable2d, _per_channel_dense, _rescaling_as_affine,
+            _normalization_as_affine, _batchnorm_as_affine, _swish_split, _relu6_as_relu_layer)
+
+
+def _keep(c: _Canon, n: _Node):
+    """Any other layer: kept (cloned where a BN folded in or its activation is split)."""
+    layer, name = n.layer, n.name
+    has_act = hasattr(layer, "activation") and not isinstance(layer, L.Activation)
+    overrides = {}
+    if n.bn is not None:
+        overrides["use_bias"] = True
+    if has_act and not n.fusable:
+        overrides["activation"] = "linear"
+    if overrides or n.bn is not None or c.names.used & {name}:
+        new = c.derive(_clone(layer, c.names(name), **overrides), name)
+        out = new(*n.args, **n.kwargs)
+        new.set_weights(n.weights)
+    else:
+        c.names(name)
+        c.origin.setdefault(name, (name, type(layer).__name__))
+        out = layer(*n.args, **n.kwargs)
+    if has_act and not n.fusable:
+        out = c.activation_after(out, n.act, name, name)
+    return out
+
+
+def canonicalize(flat: keras.Model, origin: dict, wants_per_channel) -> tuple[keras.Model, dict]:
+    """The canonical float model (see the module docstring); same function as ``flat``.
+
+    Each node goes to the first rule of ``REWRITES`` that takes it, else is kept.
+
+    Args:
+      flat: output of ``flatten``.
+      origin: its origin map (extended here for derived layers).
+      wants_per_channel: name -> whether per-channel weights are asked for (Dense route).
+    """
+    c = _Canon(flat, origin, wants_per_channel)
+
     def visit(node, args, kwargs):
         layer = node.layer
-        x = args[0] if args else None
-        if id(layer) in folded:  # a BN folded into the layer before, or a ReLU moved
-            return x
-        bn = fold_target(layer, node)
+        if id(layer) in c.folded:  # a BN folded into the layer before, or a ReLU moved
+            return args[0] if args else None
+        bn = c.fold_target(layer, node)
         weights = _fold_weights(layer, bn) if bn is not None else layer.get_weights()
         if bn is not None:
-            folded.add(id(bn))
+            c.folded.add(id(bn))
         act = qc.activation_name(layer)
         # Only the ops TFLite fuses an activation into keep it; the others (TRANSPOSE_CONV)
         # get it split out, so their own output has a trained range.
-        fusable = act in qc.FUSABLE_ACTIVATIONS and qc.fuses_activation(layer)
-        name = layer.name
-
-        if isinstance(layer, L.Conv1D | L.SeparableConv1D) and layer.data_format == \
-                "channels_last" and getattr(layer, "groups", 1) == 1:
-            k, s, d = layer.kernel_size[0], layer.strides[0], layer.dilation_rate[0]
-            h = derive(L.Reshape((1, -1, x.shape[-1]), name=names(name + "_to2d")), name)(x)
-            padding = layer.padding
-            if padding == "causal":
-                h = derive(L.ZeroPadding2D(((0, 0), (d * (k - 1), 0)),
-                                           name=names(name + "_causal")), name)(h)
-                padding = "valid"
-            if isinstance(layer, L.Conv1D):
-                conv = derive(L.Conv2D(layer.filters, (1, k), (1, s), padding,
-                                       dilation_rate=(1, d), use_bias=layer.use_bias or
-                                       bn is not None, name=names(name)), name)
-                h = conv(h)
-                w = [weights[0][None]] + weights[1:]
-                conv.set_weights(w)
-            else:
-                h = _separable(h, layer, weights, (1, k), (1, s), padding, (1, d),
-                               bn is not None, names, derive)
-            # The activation goes before the reshape back (ReLU commutes with it), and so
-            # does a ReLU layer that follows: next to the convolution TFLite fuses it (one
-            # CONV_2D, no separately quantized pre-activation output, no RELU op).
-            h = activation_after(h, act, name, name)
-            relu = relu_consumer(layer, node, bn) if act in ("linear", None) else None
-            if relu is not None:
-                h = derive(_clone(relu, names(relu.name)), relu.name)(h)
-                folded.add(id(relu))
-            return derive(L.Reshape((-1, layer.filters), name=names(name + "_to1d")), name)(h)
-
-        if isinstance(layer, L.SeparableConv2D):
-            h = _separable(x, layer, weights, layer.kernel_size, layer.strides, layer.padding,
-                           layer.dilation_rate, bn is not None, names, derive)
-            return activation_after(h, act, name, name)
-
-        if isinstance(layer, L.Dense) and wants_per_channel(name) and x.shape.rank in (2, 3):
-            units, depth = layer.units, x.shape[-1]
-            shape_in = (1, 1, depth) if x.shape.rank == 2 else (1, -1, depth)
-            shape_out = (units,) if x.shape.rank == 2 else (-1, units)
-            h = derive(L.Reshape(shape_in, name=names(name + "_to4d")), name)(x)
-            conv = derive(L.Conv2D(units, 1, use_bias=layer.use_bias or bn is not None,
-                                   activation=act if fusable else None,
-                                   name=names(name)), name)
-            h = conv(h)
-            conv.set_weights([weights[0][None, None]] + weights[1:])
-            h = derive(L.Reshape(shape_out, name=names(name + "_to2d")), name)(h)
-            return h if fusable else activation_after(h, act, name, name)
-
-        if isinstance(layer, L.Rescaling):
-            new = derive(ChannelAffine(layer.scale, layer.offset, name=names(name)), name)
-            return new(x)
-        if isinstance(layer, L.Normalization) and len(layer.axis) == 1 and \
-                layer.axis[0] in (-1, x.shape.rank - 1):
-            mean = np.asarray(layer.mean).reshape(-1)
-            std = np.maximum(np.sqrt(np.asarray(layer.variance).reshape(-1)),
-                             keras.backend.epsilon())
-            inv = np.broadcast_to(1.0 / std, (x.shape[-1],)) if layer.invert is False \
-                else None
-            if inv is not None:
-                new = derive(ChannelAffine(inv, np.broadcast_to(-mean, inv.shape) * inv,
-                                           name=names(name)), name)
-                return new(x)
-        if isinstance(layer, L.BatchNormalization) and _bn_last_axis(layer):
-            scale, shift = _bn_factors(layer)
-            new = derive(ChannelAffine(scale, shift, name=names(name)), name)
-            return new(x)
-
-        if isinstance(layer, L.Activation) and act == "swish":
-            return activation_after(x, "swish", name, name)
-        if isinstance(layer, L.Activation) and act == "relu6":
-            return derive(L.ReLU(6.0, name=names(name)), name)(x)
-
-        has_act = hasattr(layer, "activation") and not isinstance(layer, L.Activation)
-        overrides = {}
-        if bn is not None:
-            overrides["use_bias"] = True
-        if has_act and not fusable:
-            overrides["activation"] = "linear"
-        if overrides or bn is not None or names.used & {name}:
-            new = derive(_clone(layer, names(name), **overrides), name)
-            out = new(*args, **kwargs)
-            new.set_weights(weights)
-        else:
-            names(name)
-            origin.setdefault(name, (name, type(layer).__name__))
-            out = layer(*args, **kwargs)
-        if has_act and not fusable:
-            out = activation_after(out, act, name, name)
-        return out
+        fusable = act in qc.FUSABLE_ACTIVATIONS and layer_kinds.fuses_activation(layer)
+        n = _Node(layer, node, tuple(args), kwargs, bn, weights, act, fusable)
+        for rule in REWRITES:
+            out = rule(c, n)
+            if out is not None:
+                return out
+        return _keep(c, n)
 
     inputs = _new_inputs(flat)
     for kt, inp in zip(flat.inputs, inputs, strict=True):
-        origin[inp.node.layer.name] = origin.get(kt.node.layer.name,
-                                                 (kt.node.layer.name, "InputLayer"))
-        names(inp.node.layer.name)
+        c.origin[inp.node.layer.name] = c.origin.get(kt.node.layer.name,
+                                                     (kt.node.layer.name, "InputLayer"))
+        c.names(inp.node.layer.name)
     outputs = _walk(flat, inputs, visit)
-    return keras.Model(inputs, outputs, name=flat.name), origin
+    return keras.Model(inputs, outputs, name=flat.name), c.origin
 
 
 def _separable(x, layer, weights, kernel, strides, padding, dilation, folded, names, derive):
@@ -448,7 +533,7 @@ def _separable(x, layer, weights, kernel, strides, padding, dilation, folded, na
 
 def _fused_into_next(layer, node, consumers) -> bool:
     """The layer's output goes only to a ReLU that TFLite fuses into this layer's op."""
-    if not qc.fuses_activation(layer) or qc.activation_name(layer) not in (
+    if not layer_kinds.fuses_activation(layer) or qc.activation_name(layer) not in (
             None, "linear"):
         return False
     outs = tf.nest.flatten(node.outputs)

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from edgeqat.config import PipelineConfig
+from edgeqat.modes import FLOAT, MODES, Mode
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ def choose(cfg: PipelineConfig, data, trained) -> AutoResult:
     start = time.perf_counter()
     cal = ptq.calibrate(trained.model, data.x_calib, cfg.ptq)
     extra = f", {cfg.ptq.calibration} ranges" + (", AdaRound" if cfg.ptq.adaround else "")
-    record("ptq_int8", f"PTQ int8{extra}", ptq.quantize(cal), time.perf_counter() - start)
+    int8, int16x8 = MODES[Mode.INT8], MODES[Mode.INT16X8]
+    record(int8.ptq_name, f"PTQ int8{extra}", ptq.quantize(cal), time.perf_counter() - start)
 
     quantized = None
     if not done() and cfg.auto.qat:
@@ -108,8 +110,8 @@ def choose(cfg: PipelineConfig, data, trained) -> AutoResult:
     sens = None
     if not done() and cfg.auto.int16_activations:
         start = time.perf_counter()
-        record("ptq_int16x8", "PTQ 16x8 (int16 activations, whole model, min/max ranges)",
-               convert.to_tflite(trained.model, "int16x8", calibration=data.x_calib),
+        record(int16x8.ptq_name, "PTQ 16x8 (int16 activations, whole model, min/max ranges)",
+               convert.to_tflite(trained.model, int16x8.mode, calibration=data.x_calib),
                time.perf_counter() - start)
 
     if not done() and cfg.auto.float_layers > 0:
@@ -148,7 +150,7 @@ def run_auto(cfg: PipelineConfig, device, data, trained, stage, warnings=()):
 
     with stage("auto"):
         result = choose(cfg, data, trained)
-    tflites = {"float": convert.to_tflite(trained.model, "float")}
+    tflites = {FLOAT: convert.to_tflite(trained.model, FLOAT)}
     tflites.update(result.tflites)
     diag = []
     with stage("diagnose"):

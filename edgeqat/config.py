@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeqat import modes
 from edgeqat.errors import ConfigError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -174,7 +175,7 @@ class RuleConfig(Checked):
     layers: str = ".*"
     classes: str = ".*"
     float: bool = False  # leave matched layers in float (conversion then needs calibration)
-    weight_bits: int = bounded(8, WEIGHT_BITS)  # 2..8 (4: int4_weights mode)
+    weight_bits: int = bounded(8, WEIGHT_BITS)  # 2..8 (4: the int4_weights mode)
     activation_bits: int = bounded(8, ACTIVATION_BITS)  # 2..16 (16: int16x8 mode)
     weight_quantizer: str = choice("per_channel", WEIGHT_QUANTIZERS,
                                    "per_channel: symmetric last-value (per tensor where a "
@@ -253,7 +254,7 @@ class QatConfig(Checked):
 class ConvertConfig(Checked):
     """TFLite conversion."""
 
-    mode: str = choice("int8", ("int8", "int16x8", "int4_weights"))
+    mode: str = choice(modes.Mode.INT8.value, modes.NAMES, "the precision mode (edgeqat.modes)")
 
 
 @dataclass(frozen=True)
@@ -365,13 +366,15 @@ class PipelineConfig(Checked):
         """Rules across tables: what the conversion mode's kernels can load and run."""
         mode = self.convert.mode
         if self.data.name == "text":
-            if mode not in ("int8", "int4_weights"):
+            if mode not in (modes.Mode.INT8, modes.Mode.INT4_WEIGHTS):
                 raise FieldError("convert.mode", mode, "but data.name = 'text' (the language "
                                  "model) ships W8A8 (int8) or W4A8 (int4_weights)")
             if self.mode != "qat":
                 raise FieldError("mode", self.mode, "but data.name = 'text': the language "
                                  "model runs PTQ and QAT always; use mode = 'qat'")
-        if self.mode == "auto" and mode != "int8":
+        row = modes.spec(mode)
+        lo, hi = row.activation_bits
+        if self.mode == "auto" and mode != modes.Mode.INT8:
             raise FieldError("convert.mode", mode,
                              "but mode = 'auto' starts from int8 and moves to 16x8 itself "
                              "([auto] int16_activations): leave convert.mode = 'int8', or "
@@ -380,14 +383,18 @@ class PipelineConfig(Checked):
         for where, rule in [*rules, ("policy.default", self.policy.default)]:
             if rule.float:
                 continue
-            if mode == "int16x8" and rule.activation_bits != 16:
+            if lo == hi and rule.activation_bits != lo:
                 raise FieldError(f"{where}.activation_bits", rule.activation_bits,
-                                 "but convert.mode = 'int16x8' ships 16-bit activations: set "
-                                 "activation_bits = 16 (QAT must train the ranges it ships)")
-            if mode != "int16x8" and rule.activation_bits > 8:
+                                 f"but convert.mode = {mode!r} ships {lo}-bit activations: "
+                                 f"set activation_bits = {lo} (QAT must train the ranges "
+                                 "it ships)")
+            if not lo <= rule.activation_bits <= hi:
+                wide = [m for m, r in modes.MODES.items()
+                        if r.activation_bits[0] <= rule.activation_bits <= r.activation_bits[1]]
                 raise FieldError(f"{where}.activation_bits", rule.activation_bits,
-                                 f"but convert.mode = {mode!r} has 8-bit activation kernels: "
-                                 "use 2..8, or convert.mode = 'int16x8'")
+                                 f"but convert.mode = {mode!r} has {hi}-bit activation kernels: "
+                                 f"use {row.activation_bits_text}"
+                                 + "".join(f", or convert.mode = {m.value!r}" for m in wide))
             if rule.weight_bits < 4:
                 raise FieldError(f"{where}.weight_bits", rule.weight_bits,
                                  f"but convert.mode = {mode!r} cannot ship fewer than 4-bit "
@@ -395,9 +402,9 @@ class PipelineConfig(Checked):
                                  "(DEPTHWISE_CONV_2D version 7 at 3 bits in int8; nonzero "
                                  "int4 zero points in int4_weights): use 4..8")
         for i, p in enumerate(self.qat.precision):
-            if mode == "int16x8" and p.activation_bits not in (0, 16):
+            if lo == hi and p.activation_bits not in (0, lo):
                 raise FieldError(f"qat.precision[{i}].activation_bits", p.activation_bits,
-                                 "but convert.mode = 'int16x8': use 0 or 16")
+                                 f"but convert.mode = {mode!r}: use 0 or {lo}")
             if p.weight_bits < 4:
                 raise FieldError(f"qat.precision[{i}].weight_bits", p.weight_bits,
                                  f"but convert.mode = {mode!r} ships 4..8-bit weights only: "
@@ -491,7 +498,7 @@ def _convert(value: Any, tp: Any, where: str, file: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{file}: [{where}] must be a table")
-        return _from_table(tp, value, where, file)
+        return from_table(tp, value, where, file)
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -506,7 +513,16 @@ def _convert(value: Any, tp: Any, where: str, file: str) -> Any:
     return value
 
 
-def _from_table(cls: type, table: dict, prefix: str, file: str) -> Any:
+def from_table(cls: type, table: dict, prefix: str = "", file: str = "") -> Any:
+    """A config dataclass ``cls`` from a parsed TOML ``table``, checked as a file is.
+
+    Args:
+      prefix: the dotted key of ``table`` (errors name ``prefix.key``).
+      file: the file it came from, for error messages.
+
+    Raises:
+      ConfigError: an unknown key, a wrong type or a value outside a field's choices.
+    """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     kwargs = {}
@@ -572,7 +588,7 @@ def load_pipeline(path: str | Path = DEFAULT_PIPELINE,
             node = node.setdefault(t, {})
         node[last] = value
     try:
-        cfg = _from_table(PipelineConfig, table, "", str(path))
+        cfg = from_table(PipelineConfig, table, "", str(path))
     except ConfigError as e:
         hit = [k for k in (overrides or {}) if f" {k} " in f" {e} "]
         if hit:
@@ -593,7 +609,7 @@ def load_device(path: str | Path = DEFAULT_DEVICE) -> DeviceConfig:
       ConfigError: the file is missing, malformed, or has a bad key or value.
     """
     path, table = _read_toml(path, "device")
-    cfg = _from_table(DeviceConfig, table, "", str(path))
+    cfg = from_table(DeviceConfig, table, "", str(path))
     conn = cfg.connection
     cfg = dataclasses.replace(cfg, connection=dataclasses.replace(
         conn, identity_file=_resolve_user(conn.identity_file, path),

@@ -11,18 +11,14 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from edgeqat import requant
+from edgeqat import hooks, layer_kinds, modes
 from edgeqat.graph import activation_bits, has_quantizers
 from edgeqat.keras import keras, quiet_stderr, tf
 
 # The MLIR quantizer prints its settings to stderr on every conversion.
 CONVERTER_NOISE = re.compile(r"^fully_quantize: \d")
 
-MODES = ("float", "int8", "int16x8", "int4_weights")
-
-
-# op -> the index of its bias input
-_BIAS_INPUT = {"CONV_2D": 2, "DEPTHWISE_CONV_2D": 2, "FULLY_CONNECTED": 2, "TRANSPOSE_CONV": 3}
+MODES = (modes.FLOAT, *modes.NAMES)  # what to_tflite converts to
 
 
 def widen_int16_biases(flat: bytes) -> bytes:
@@ -45,10 +41,11 @@ def widen_int16_biases(flat: bytes) -> bytes:
     for graph in model.subgraphs:
         for op in graph.operators:
             name = names.get(builtin_code(model, op))
-            at = _BIAS_INPUT.get(name)
+            inputs = layer_kinds.TFLITE_OP_INPUTS.get(name)
+            at = inputs.bias if inputs is not None else None
             if at is None or len(op.inputs) <= at or op.inputs[at] < 0:
                 continue
-            data = graph.tensors[op.inputs[2 if name == "TRANSPOSE_CONV" else 0]]
+            data = graph.tensors[op.inputs[inputs.data]]
             bias = graph.tensors[op.inputs[at]]
             if data.type != schema.TensorType.INT16 or bias.type != schema.TensorType.INT32:
                 continue
@@ -84,7 +81,7 @@ def concrete_function(model: keras.Model):
     return fn.get_concrete_function(*spec)
 
 
-def to_tflite(model: keras.Model, mode: str = "int8", *,
+def to_tflite(model: keras.Model, mode: str = modes.Mode.INT8, *,
               calibration: np.ndarray | None = None, qat: bool = False) -> bytes:
     """Converts ``model`` to a TFLite flatbuffer.
 
@@ -122,30 +119,26 @@ def to_tflite(model: keras.Model, mode: str = "int8", *,
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     is_qat = qat or has_quantizers(model)
-    if mode == "int16x8" and is_qat:
-        low = sorted(activation_bits(model) - {16})
-        if low:
-            raise ValueError(f"int16x8 conversion of a QAT model needs 16-bit activation "
-                             f"quantizers (found {low}-bit ones): annotate with "
-                             f"activation_bits=16")
-        calibration = None  # the trained 16-bit ranges are used as they are
-    with requant.exporting():  # the flatbuffer rounds for itself
+    row = modes.spec(mode) if mode != modes.FLOAT else None
+    if row is not None and is_qat and not row.qat_calibration:
+        lo, hi = row.activation_bits
+        off = sorted(b for b in activation_bits(model) if not lo <= b <= hi)
+        if off:
+            raise ValueError(f"{mode} conversion of a QAT model needs "
+                             f"{row.activation_bits_text}-bit activation quantizers (found "
+                             f"{off}-bit ones): annotate with activation_bits={hi}")
+        calibration = None  # the trained ranges are used as they are
+    with hooks.suspended(model):  # the flatbuffer rounds for itself: no kernel rounding
         fn = concrete_function(model)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], model)
-    if mode == "float":
+    if row is None:
         return run_converter(converter)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if mode == "int16x8":
-        converter.target_spec.supported_ops = [
-            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
-        ]
-        converter.inference_input_type = converter.inference_output_type = tf.int16
-    else:
-        if calibration is not None:
-            # Named INT8 op set: the converter must fail rather than leave a float op.
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = converter.inference_output_type = tf.int8
-    if mode == "int4_weights":
+    if calibration is not None or not row.ops_need_calibration:
+        # A named op set: the converter must fail rather than leave a float op.
+        converter.target_spec.supported_ops = [getattr(tf.lite.OpsSet, row.ops)]
+    converter.inference_input_type = converter.inference_output_type = getattr(tf, row.io_type)
+    if row.low_bit_qat:
         converter._experimental_low_bit_qat = True
     if calibration is not None:
         # For a QAT model the trained FakeQuant ranges win; calibration only fills the
@@ -154,4 +147,4 @@ def to_tflite(model: keras.Model, mode: str = "int8", *,
     elif not is_qat:
         raise ValueError(f"{mode} conversion of a float model needs calibration data")
     flat = run_converter(converter)
-    return widen_int16_biases(flat) if mode == "int16x8" and is_qat else flat
+    return widen_int16_biases(flat) if row.widen_qat_biases and is_qat else flat

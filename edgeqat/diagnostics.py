@@ -33,7 +33,8 @@ import numpy as np
 
 from edgeqat.graph import node_in
 from edgeqat.keras import keras
-from edgeqat.ptq import WEIGHTED, Calibrated, quantize, verify_target
+from edgeqat.modes import MODES, Mode
+from edgeqat.ptq import Calibrated, adaround_fits, quantize, verify_target
 
 
 @dataclass(frozen=True)
@@ -112,8 +113,8 @@ def layer_of(tensor: str, model: keras.Model) -> str | None:
     found = [seg for part in tensor.split(";") for seg in part.split("/") if seg in names]
     if not found:
         return None
-    weighted = [n for n in found if type(names[n]).__name__ in WEIGHTED
-                or type(getattr(names[n], "layer", None)).__name__ in WEIGHTED]
+    weighted = [n for n in found if adaround_fits(names[n])
+                or adaround_fits(getattr(names[n], "layer", None))]
     return weighted[0] if weighted else found[0]
 
 
@@ -129,7 +130,7 @@ def _output_layer(model: keras.Model) -> str:
 
 
 def ptq_layer_errors(cal: Calibrated, model: keras.Model, x: np.ndarray,
-                     name: str = "ptq_int8") -> Diagnostics:
+                     name: str = MODES[Mode.INT8].ptq_name) -> Diagnostics:
     """Per-layer error of the PTQ model of ``cal`` via TF's QuantizationDebugger.
 
     Args:
@@ -229,7 +230,8 @@ def _output_in(model: keras.Model, layer) -> object:
 
 
 def direct_layer_errors(tflite: bytes, model: keras.Model, x: np.ndarray,
-                        name: str = "qat_int8", reference: str = "QAT Keras model",
+                        name: str = MODES[Mode.INT8].qat_name,
+                        reference: str = "QAT Keras model",
                         ) -> Diagnostics:
     """Per-layer error by comparing every quantized intermediate tensor with Keras.
 

@@ -12,10 +12,11 @@ import numpy as np
 from edgeqat import requant
 from edgeqat.graph import input_scale, wrapper_classes
 from edgeqat.keras import keras
+from edgeqat.modes import Mode
 from edgeqat.quantizers import Quantizer
 
 
-def prepare_for_export(qat_model: keras.Model, mode: str = "int8",
+def prepare_for_export(qat_model: keras.Model, mode: str = Mode.INT8,
                        arch: str | None = None) -> keras.Model:
     """Returns the model to hand to the converter for ``mode``: ``qat_model``, made to
     compute what the ``mode`` flatbuffer computes on ``arch`` (default: this machine's

@@ -12,7 +12,7 @@ import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-from edgeqat import annotate, export, inspect, metadata, op_versions, qat, report, requant
+from edgeqat import annotate, export, inspect, metadata, modes, op_versions, qat, report, requant
 from edgeqat.config import DeviceConfig, PipelineConfig, PolicyConfig, QatConfig, to_toml
 from edgeqat.convert import to_tflite
 from edgeqat.data import Dataset
@@ -55,7 +55,7 @@ class Quantized:
 
     @property
     def name(self) -> str:
-        return f"qat_{self.mode}"
+        return modes.spec(self.mode).qat_name
 
 
 def resume_context(cfg: PipelineConfig) -> str:
@@ -75,7 +75,7 @@ def quantize_aware(trained: TrainedModel, data: Dataset, mode: str, policy: Poli
       trained: the float model (it is not changed) and its accuracy.
       data: the dataset; ``x_calib`` seeds the activation ranges and fills, at
         conversion, ranges training did not simulate.
-      mode: ``int8``, ``int16x8`` or ``int4_weights``.
+      mode: a precision mode (``edgeqat.modes.Mode``).
       policy, qat_cfg: the quantization policy and the fine-tuning recipe.
       seed, float_learning_rate: as ``qat.fine_tune`` takes them.
       stage: the pipeline's stage timer (times ``annotate``, ``qat`` and ``convert``), or
@@ -95,7 +95,7 @@ def quantize_aware(trained: TrainedModel, data: Dataset, mode: str, policy: Poli
     with stage("convert"):
         flat = to_tflite(export.prepare_for_export(tuned.model, mode), mode, qat=True,
                          calibration=data.x_calib if calibrate else None)
-        ops = inspect.require_full_integer(flat, f"qat_{mode}.tflite")
+        ops = inspect.require_full_integer(flat, f"{modes.spec(mode).qat_name}.tflite")
     return Quantized(mode, tuned, flat, tuple(ops))
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from absl import app, flags, logging
 
+from edgeqat import modes
 from edgeqat.config import (
     DEFAULT_DEVICE,
     DEFAULT_PIPELINE,
@@ -91,24 +92,24 @@ def run(cfg: PipelineConfig, device: DeviceConfig) -> PipelineResult:
         from edgeqat.auto import run_auto
 
         return run_auto(cfg, device, data, trained, stage, warnings)
-    mode = cfg.convert.mode
+    mode = modes.spec(cfg.convert.mode)
     with stage("ptq"):
-        float_tflite = convert.to_tflite(trained.model, "float")
-        ptq_tflite, calibration = ptq.post_training(trained.model, data.x_calib, mode,
+        float_tflite = convert.to_tflite(trained.model, modes.FLOAT)
+        ptq_tflite, calibration = ptq.post_training(trained.model, data.x_calib, mode.mode,
                                                     cfg.ptq)
-        inspect.require_full_integer(ptq_tflite, f"ptq_{mode}.tflite")
-    quantized = quantize_aware(trained, data, mode, cfg.policy, cfg.qat, seed=cfg.seed,
+        inspect.require_full_integer(ptq_tflite, f"{mode.ptq_name}.tflite")
+    quantized = quantize_aware(trained, data, mode.mode, cfg.policy, cfg.qat, seed=cfg.seed,
                                float_learning_rate=cfg.model.learning_rate, stage=stage,
                                context=resume_context(cfg))
-    tflites = {"float": float_tflite, f"ptq_{mode}": ptq_tflite,
+    tflites = {modes.FLOAT: float_tflite, mode.ptq_name: ptq_tflite,
                quantized.name: quantized.tflite}
     diag = []
     with stage("diagnose"):
         if cfg.diagnostics.enabled:
             x_diag = data.x_calib[: cfg.diagnostics.samples]
-            if calibration is not None and mode == "int8":
+            if calibration is not None:  # the calibrate-then-quantize route's
                 diag.append(diagnostics.ptq_layer_errors(calibration, trained.model, x_diag,
-                                                         f"ptq_{mode}"))
+                                                         mode.ptq_name))
             diag.append(diagnostics.direct_layer_errors(quantized.tflite,
                                                         quantized.tuned.model, x_diag,
                                                         quantized.name))

@@ -7,7 +7,7 @@ calibration serve several quantized variants, which is what diagnostics and ``au
 need:
 
 * ``quantize(cal)``: full integer int8 (int8 input and output), the same as
-  ``convert.to_tflite(model, "int8", calibration=...)``;
+  ``convert.to_tflite(model, Mode.INT8, calibration=...)``;
 * ``quantize(cal, float_nodes=[...])``: selective quantization, the named op outputs stay
   float (TF's ``denylisted_nodes``; the model is then no longer fully integer);
 * ``quantize(cal, debug=True)``: the NumericVerify-instrumented model that
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgeqat import layer_kinds, modes
 from edgeqat.config import PtqConfig
 from edgeqat.keras import keras, tf
-
-WEIGHTED = ("Conv1D", "Conv2D", "DepthwiseConv2D", "Dense")
+from edgeqat.modes import Mode, PtqRoute
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def calibrate(model: keras.Model, x_calib: np.ndarray, cfg: PtqConfig | None = N
     return Calibrated(calibrated, cfg.calibration, tuple(layer.name for layer in model.layers))
 
 
-def quantize(cal: Calibrated, *, activations: str = "int8", float_nodes=(),
+def quantize(cal: Calibrated, *, activations: str = Mode.INT8, float_nodes=(),
              debug: bool = False) -> bytes:
     """Quantizes a calibrated model.
 
@@ -106,7 +106,7 @@ def quantize(cal: Calibrated, *, activations: str = "int8", float_nodes=(),
     from tensorflow.compiler.mlir.lite import types_pb2
     from tensorflow.lite.python import convert as lite_convert
 
-    if activations != "int8":
+    if activations != Mode.INT8:
         raise ValueError("quantize() makes int8 models; for 16x8 use convert.to_tflite: "
                          "mlir_quantize's int16 path gives zero points the kernels reject")
     from edgeqat.convert import CONVERTER_NOISE
@@ -126,10 +126,11 @@ def quantize(cal: Calibrated, *, activations: str = "int8", float_nodes=(),
 
 def post_training(model: keras.Model, x_calib: np.ndarray, mode: str,
                   cfg: PtqConfig | None = None) -> tuple[bytes, Calibrated | None]:
-    """The PTQ baseline of ``mode``; returns the flatbuffer and (int8) its calibration."""
+    """The PTQ baseline of ``mode`` by its route (``modes.ModeSpec.ptq_route``); returns
+    the flatbuffer and, on the calibrate-then-quantize route, its calibration."""
     from edgeqat.convert import to_tflite
 
-    if mode != "int8":  # 16x8 and int4 weights: the converter's own route, min/max ranges
+    if modes.spec(mode).ptq_route == PtqRoute.CONVERTER:  # min/max ranges
         return to_tflite(model, mode, calibration=x_calib), None
     cal = calibrate(model, x_calib, cfg)
     return quantize(cal), cal
@@ -227,7 +228,7 @@ def round_weights(model: keras.Model, bits: int, keep: tuple[str, ...] = ()) -> 
 _ZETA, _GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (Louizos et al. 2018)
 
 
-def _kernel_op(layer, x, w):
+def kernel_op(layer, x, w):
     """The layer's linear op (no bias, no activation) with kernel ``w``."""
     kind = type(layer).__name__
     if kind == "Dense":
@@ -239,7 +240,7 @@ def _kernel_op(layer, x, w):
                              dilations=layer.dilation_rate)
 
 
-def _channel_scale(layer, w: np.ndarray) -> np.ndarray:
+def channel_scale(layer, w: np.ndarray) -> np.ndarray:
     """Symmetric int8 scale per output channel, as TFLite's converter computes it."""
     axes = (0, 1) if type(layer).__name__ == "DepthwiseConv2D" else tuple(range(w.ndim - 1))
     return np.maximum(np.abs(w).max(axis=axes, keepdims=True), 1e-12) / 127.0
@@ -265,12 +266,12 @@ def adaround_kernel(layer, x: np.ndarray, iterations: int = 300, reg: float = 0.
       The kernel on the grid (float32 values ``s * n``), same shape as the layer's kernel.
     """
     w = layer.kernel.numpy().astype(np.float32)
-    s = _channel_scale(layer, w)
+    s = channel_scale(layer, w)
     floor = np.floor(w / s)
     rest = np.clip(w / s - floor, 0.01, 0.99)
     v = tf.Variable(-np.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1.0), dtype=tf.float32)
     x = tf.constant(x, tf.float32)
-    target = _kernel_op(layer, x, tf.constant(w))
+    target = kernel_op(layer, x, tf.constant(w))
     opt = keras.optimizers.Adam(1e-2)
     rng = np.random.default_rng(seed)
     warm = int(0.2 * iterations)
@@ -279,7 +280,7 @@ def adaround_kernel(layer, x: np.ndarray, iterations: int = 300, reg: float = 0.
     def step(xb, yb, beta, use_reg):
         with tf.GradientTape() as tape:
             wq = s * tf.clip_by_value(floor + _h(v), -127.0, 127.0)
-            rec = tf.reduce_mean(tf.square(_kernel_op(layer, xb, wq) - yb))
+            rec = tf.reduce_mean(tf.square(kernel_op(layer, xb, wq) - yb))
             h = _h(v)
             r = tf.reduce_mean(1.0 - tf.pow(tf.abs(2.0 * h - 1.0), beta))
             loss = rec + use_reg * reg * r
@@ -298,6 +299,13 @@ def adaround_kernel(layer, x: np.ndarray, iterations: int = 300, reg: float = 0.
     return (s * np.clip(q, -127, 127)).astype(np.float32)
 
 
+def adaround_fits(layer) -> bool:
+    """Whether AdaRound fits ``layer``'s kernel (``layer_kinds``: Conv1D/2D, depthwise,
+    Dense)."""
+    row = layer_kinds.weighted(layer)
+    return row is not None and row.adaround
+
+
 def adaround(model: keras.Model, x: np.ndarray, iterations: int = 300,
              layers: str = ".*") -> keras.Model:
     """A copy of ``model`` whose weighted layers' kernels are AdaRound-ed (see above).
@@ -308,7 +316,7 @@ def adaround(model: keras.Model, x: np.ndarray, iterations: int = 300,
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
     targets = [layer for layer in model.layers
-               if type(layer).__name__ in WEIGHTED and re.fullmatch(layers, layer.name)]
+               if adaround_fits(layer) and re.fullmatch(layers, layer.name)]
     if not targets:
         return copy
     probe = keras.Model(model.inputs, [layer.input for layer in targets])

@@ -18,10 +18,11 @@
 * gradual precision: ``[[qat.precision]]`` entries set the weight (and optionally
   activation) bits of every quantizer from a named epoch on.
 
-The schedule acts on the quantizer objects held by tfmot's ``QuantizeWrapper`` /
-``QuantizeLayer`` (any ``Quantizer`` subclass, tfmot's or edgeqat's): each gets a gating
-subclass for the duration of ``fine_tune`` and its own class back afterwards, so the
-returned model, its saved config and its converted graph are exactly the annotated ones.
+The schedule acts on the quantizers held by tfmot's ``QuantizeWrapper`` /
+``QuantizeLayer`` (any ``Quantizer`` subclass, tfmot's or edgeqat's) through the one hook
+seam (``edgeqat.hooks``): each gets a ``ScheduleHook`` in its slot for the duration of
+``fine_tune``, taken out afterwards, so the returned model, its saved config and its
+converted graph are exactly the annotated ones.
 The switches are Python values read when the step function is traced; the step is
 retraced at each phase change (a handful per run).
 
@@ -48,6 +49,7 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
+from edgeqat import hooks
 from edgeqat.config import QatConfig, to_toml
 from edgeqat.data import Dataset
 from edgeqat.errors import UserError
@@ -57,9 +59,6 @@ from edgeqat.quantizers import Quantizer
 from edgeqat.train import accuracy
 
 _QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
-from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import (  # noqa: E402
-    QuantizeLayer as _QuantizeLayer,
-)
 
 
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
@@ -155,12 +154,17 @@ class Schedule:
 
 @dataclass
 class QuantizerSite:
-    """One quantizer in a QAT model: the object, what it quantizes and its variables."""
+    """One quantizer in a QAT model: the object, what it quantizes and its variables.
+
+    ``quantizer`` is the bare quantizer (under any hook in its slot); ``slot`` is where
+    the layer holds it (``hooks.Slot``).
+    """
 
     layer: str
     kind: str  # "weight" | "activation"
     quantizer: object
     variables: dict
+    slot: hooks.Slot | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_observer(self) -> bool:
@@ -182,23 +186,9 @@ class QuantizerSite:
 
 def quantizer_sites(model: keras.Model) -> list[QuantizerSite]:
     """Every quantizer of a tfmot-annotated model (tfmot's own or custom ones)."""
-    sites = []
-    for layer in model.layers:
-        if isinstance(layer, _QuantizeWrapper):
-            for _, q, qvars in getattr(layer, "_weight_vars", []):
-                sites.append(QuantizerSite(layer.name, "weight", q, dict(qvars)))
-            for act in getattr(layer, "_quantize_activations", []):
-                qvars = {**getattr(act, "_pre_activation_vars", {}),
-                         **getattr(act, "_post_activation_vars", {})}
-                sites.append(QuantizerSite(layer.name, "activation", act.quantizer, qvars))
-            if getattr(layer, "_output_quantizers", None):
-                sites.append(QuantizerSite(layer.name, "activation",
-                                           layer._output_quantizers[0],
-                                           dict(layer._output_quantizer_vars)))
-        elif isinstance(layer, _QuantizeLayer) and layer.quantizer is not None:
-            sites.append(QuantizerSite(layer.name, "activation", layer.quantizer,
-                                       dict(getattr(layer, "quantizer_vars", {}) or {})))
-    return sites
+    return [QuantizerSite(slot.layer.name, "weight" if slot.kind == "weight" else "activation",
+                          hooks.bare(slot.get()), slot.variables, slot)
+            for slot in hooks.slots(model)]
 
 
 def batchnorm_layers(model: keras.Model) -> list:
@@ -211,70 +201,76 @@ def batchnorm_layers(model: keras.Model) -> list:
     return out
 
 
-class _Switches:
-    """What the gated quantizers read when the step function is traced."""
+class ScheduleHook(hooks.Hook):
+    """A quantizer under the schedule (``hooks.Hook``): reads its owner's ``phase`` when
+    the step function is traced.
 
-    def __init__(self):
-        self.quantize = True
-        self.ranges_frozen = False
+    Fake quantization off (the delay): the input passes through unchanged, while the
+    quantizer still runs, so an observer keeps observing. Ranges frozen: an observer runs
+    in inference mode (reads its stored range, does not update it).
+    """
 
+    def __init__(self, quantizer, owner: ScheduleHooks, observer: bool):
+        super().__init__(quantizer)
+        self.owner = owner
+        self.observer = observer
 
-_GATED: dict[type, type] = {}
-
-
-def _gated_class(cls: type) -> type:
-    """A subclass of ``cls`` whose call obeys the schedule's switches."""
-    if cls not in _GATED:
-        def __call__(self, inputs, training, weights, **kwargs):  # noqa: N807
-            sw = self._edgeqat_switches
-            q_training = training
-            if sw.ranges_frozen and self._edgeqat_observer:
-                q_training = False  # read the stored range, do not update it
-            out = cls.__call__(self, inputs, q_training, weights, **kwargs)
-            if not sw.quantize:
-                return tf.identity(inputs)  # observers above still ran and observed
-            return out
-
-        _GATED[cls] = type(f"Scheduled{cls.__name__}", (cls,), {"__call__": __call__})
-    return _GATED[cls]
+    def call(self, inputs, training, weights, **kwargs):
+        phase = self.owner.phase
+        q_training = False if phase.ranges_frozen and self.observer else training
+        out = self.quantizer(inputs, q_training, weights, **kwargs)
+        if not phase.quantize:
+            return tf.identity(inputs)  # the quantizer above still ran and observed
+        return out
 
 
-class _Hooks:
-    """Installs the schedule on a QAT model's quantizers and BatchNorms; ``remove`` undoes."""
+class ScheduleHooks:
+    """Puts the schedule on a QAT model's quantizers and BatchNorms; ``remove`` undoes.
+
+    One ``ScheduleHook`` per quantizer object (in every slot that holds it); ``apply``
+    sets the phase they read, the BatchNorms' trainability and the bit widths.
+    """
 
     def __init__(self, model: keras.Model):
-        self.switches = _Switches()
+        self.model = model
+        self.phase = Phase()
         self.sites = quantizer_sites(model)
         self.bns = batchnorm_layers(model)
         self._bn_trainable = [bn.trainable for bn in self.bns]
-        self._classes = {}
+        self._bits0 = initial_bits(self.sites)
+        observer: dict[int, bool] = {}
         for site in self.sites:
-            q = site.quantizer
-            if id(q) in self._classes:
-                q._edgeqat_observer = q._edgeqat_observer and site.is_observer
-                continue
-            self._classes[id(q)] = (q, type(q))
-            q._edgeqat_switches = self.switches
-            q._edgeqat_observer = site.is_observer
-            q.__class__ = _gated_class(type(q))
-        self._bits0 = {id(s.quantizer): getattr(s.quantizer, "num_bits", None)
-                       for s in self.sites}
+            observer[id(site.slot.get())] = observer.get(id(site.slot.get()), True) \
+                and site.is_observer
+        made: dict[int, ScheduleHook] = {}
+        for site in self.sites:
+            q = site.slot.get()
+            if id(q) not in made:
+                made[id(q)] = ScheduleHook(q, self, observer[id(q)])
+            hooks.install(site.slot, made[id(q)])
 
     def apply(self, phase: Phase) -> None:
-        self.switches.quantize = phase.quantize
-        self.switches.ranges_frozen = phase.ranges_frozen
+        self.phase = phase
         for bn, was in zip(self.bns, self._bn_trainable, strict=True):
             bn.trainable = was and not phase.bn_frozen
-        for site in self.sites:
-            bits = phase.weight_bits if site.kind == "weight" else phase.activation_bits
-            set_bits(site, bits or self._bits0[id(site.quantizer)])
+        apply_bits(self.sites, phase, self._bits0)
 
     def remove(self) -> None:
-        for q, cls in self._classes.values():
-            q.__class__ = cls
-            del q._edgeqat_switches, q._edgeqat_observer
+        hooks.remove(self.model, ScheduleHook)
         for bn, was in zip(self.bns, self._bn_trainable, strict=True):
             bn.trainable = was
+
+
+def initial_bits(sites: list[QuantizerSite]) -> dict[int, int | None]:
+    """Each quantizer's bit width as annotated (what a phase's 0 bits means)."""
+    return {id(s.quantizer): getattr(s.quantizer, "num_bits", None) for s in sites}
+
+
+def apply_bits(sites: list[QuantizerSite], phase: Phase, bits0: dict[int, int | None]) -> None:
+    """Sets every quantizer's bit width to ``phase``'s (0: as annotated)."""
+    for site in sites:
+        bits = phase.weight_bits if site.kind == "weight" else phase.activation_bits
+        set_bits(site, bits or bits0[id(site.quantizer)])
 
 
 def set_bits(site: QuantizerSite, bits: int | None) -> None:
@@ -360,7 +356,7 @@ def _replica_model(qat_model: keras.Model, strategy) -> keras.Model:
 # ---------------------------------------------------------------------------- checkpoints
 
 
-class _Checkpoints:
+class Checkpoints:
     """``model`` + ``optimizer`` (its step is the schedule position) every epoch.
 
     ``state.json`` names the newest complete checkpoint, the fingerprint of the run it
@@ -513,11 +509,199 @@ def distillation_loss(y, logits, teacher_logits, alpha: float, temperature: floa
     return alpha * task + (1.0 - alpha) * t * t * kl
 
 
+@dataclass(frozen=True)
+class TrainingPlan:
+    """The step arithmetic of one ``fine_tune`` run: batch, schedule and learning rate."""
+
+    batch: int  # global batch (a multiple of the replica count where it can be)
+    steps_per_epoch: int
+    schedule: Schedule
+    peak: float  # the peak learning rate
+    learning_rate: WarmupCosine
+
+    @classmethod
+    def make(cls, cfg: QatConfig, n: int, replicas: int,
+             float_learning_rate: float | None) -> TrainingPlan:
+        batch = min(cfg.batch_size, n)
+        batch -= batch % replicas if batch >= replicas else 0
+        spe = max(n // batch, 1)
+        schedule = Schedule.from_config(cfg, spe)
+        peak = _peak_rate(cfg, float_learning_rate)
+        lr = WarmupCosine(peak, schedule.total_steps,
+                          int(cfg.warmup_fraction * schedule.total_steps))
+        return cls(batch, spe, schedule, peak, lr)
+
+
+def _open_checkpoints(cfg: QatConfig, fingerprint_now: dict, model, optimizer,
+                      strategy) -> Checkpoints | None:
+    """The run's checkpoints (None when ``cfg.checkpoint_dir`` is unset); one from a
+    different run is discarded with a warning saying what changed."""
+    if not cfg.checkpoint_dir:
+        return None
+    ckpt = Checkpoints(cfg.checkpoint_dir, fingerprint_now, model, optimizer,
+                        _is_chief(strategy))
+    changed = ckpt.stale()
+    if changed:
+        logging.warning("QAT checkpoint in %s is from a different run (changed: %s); "
+                        "starting QAT from the beginning", cfg.checkpoint_dir,
+                        ", ".join(changed))
+        ckpt.discard()
+    return ckpt
+
+
+def _resume(scheduled: ScheduleHooks, schedule: Schedule, ckpt: Checkpoints | None,
+            where: str) -> tuple[int, list]:
+    """Restores the newest checkpoint, if any: (its step, its epoch history)."""
+    scheduled.apply(schedule.phase(0))
+    if ckpt is None:
+        return 0, []
+    scheduled.apply(schedule.phase(ckpt.peek_step()))  # bits before restore (LSQ steps)
+    step0, history = ckpt.restore()
+    if step0:
+        logging.info("QAT resumes at step %d (epoch %d) from %s", step0,
+                     step0 // schedule.steps_per_epoch, where)
+    return step0, history
+
+
+class _Loop:
+    """The training loop's parts: the step and evaluation functions (rebuilt, so retraced,
+    at each phase change) and the per-epoch data."""
+
+    def __init__(self, model, optimizer, strategy, data: Dataset, plan: TrainingPlan,
+                 cfg: QatConfig, seed: int, teacher_logits: np.ndarray):
+        self.model, self.optimizer, self.strategy = model, optimizer, strategy
+        self.data, self.plan, self.seed = data, plan, seed
+        self.teacher_logits = teacher_logits
+        self.distill = bool(cfg.distill)
+        self.alpha, self.temperature = float(cfg.distill_alpha), float(cfg.distill_temperature)
+        self.options = tf.data.Options()
+        self.options.experimental_distribute.auto_shard_policy = \
+            tf.data.experimental.AutoShardPolicy.DATA
+        self.options.deterministic = True
+
+    def make_step(self):
+        model, optimizer, strategy = self.model, self.optimizer, self.strategy
+        distill, alpha, temp, batch = self.distill, self.alpha, self.temperature, \
+            self.plan.batch
+
+        def replica_step(x, y, t):
+            with tf.GradientTape() as tape:
+                logits = model(x, training=True)
+                if distill:
+                    per_example = distillation_loss(y, logits, t, alpha, temp)
+                else:
+                    per_example = keras.losses.sparse_categorical_crossentropy(
+                        y, logits, from_logits=True)
+                loss = tf.nn.compute_average_loss(per_example, global_batch_size=batch)
+                if model.losses:
+                    loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            variables = model.trainable_variables
+            grads = tape.gradient(loss, variables)
+            optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables, strict=True)
+                                       if g is not None])
+            return loss
+
+        @tf.function
+        def step(x, y, t):
+            losses = strategy.run(replica_step, args=(x, y, t))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+
+        return step
+
+    def make_eval(self):
+        model = self.model
+
+        @tf.function
+        def logits_of(x):
+            return model(x, training=False)
+
+        return logits_of
+
+    def val_accuracy(self, logits_of) -> float | None:
+        x_val, y_val = self.data.x_val, self.data.y_val
+        if not len(x_val):
+            return None
+        preds = [logits_of(tf.constant(x_val[i:i + 512])).numpy().argmax(-1)
+                 for i in range(0, len(x_val), 512)]
+        return float((np.concatenate(preds) == y_val).mean())
+
+    def epoch_batches(self, epoch: int, step: int):
+        """Epoch ``epoch``'s batches from global step ``step`` on (a resumed run skips
+        what it already trained), distributed."""
+        spe, batch, data = self.plan.steps_per_epoch, self.plan.batch, self.data
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(data.x_train))
+        order = order[: spe * batch]
+        ds = tf.data.Dataset.from_tensor_slices(
+            (data.x_train[order], data.y_train[order], self.teacher_logits[order]))
+        ds = ds.batch(batch, drop_remainder=True).skip(step - epoch * spe)
+        return self.strategy.experimental_distribute_dataset(ds.with_options(self.options))
+
+
+def _train(loop: _Loop, scheduled: ScheduleHooks, ckpt: Checkpoints | None, cb,
+           cfg: QatConfig, step0: int, history: list, events: list) -> Phase:
+    """Runs the epochs from global step ``step0``; appends to ``history`` and ``events``.
+
+    Returns:
+      The phase the run ended in.
+    """
+    plan, schedule, optimizer = loop.plan, loop.plan.schedule, loop.optimizer
+    phase = schedule.phase(step0)
+    scheduled.apply(phase)
+    train_step, logits_of = loop.make_step(), loop.make_eval()
+    events.append((step0, _describe(phase)))
+    cb.on_train_begin()
+    step = step0
+    with _Interrupt() as interrupt:
+        for epoch in range(step0 // plan.steps_per_epoch, cfg.epochs):
+            losses = []
+            cb.on_epoch_begin(epoch)
+            for x, y, t in loop.epoch_batches(epoch, step):
+                new = schedule.phase(step)
+                if new != phase:
+                    phase = new
+                    scheduled.apply(phase)
+                    train_step, logits_of = loop.make_step(), loop.make_eval()
+                    events.append((step, _describe(phase)))
+                    logging.info("QAT step %d: %s", step, _describe(phase))
+                cb.on_train_batch_begin(step)
+                loss = float(train_step(x, y, t))
+                rate = float(tf.convert_to_tensor(optimizer.learning_rate))  # as applied
+                losses.append(loss)
+                step += 1
+                cb.on_train_batch_end(step - 1, {"loss": loss, "learning_rate": rate,
+                                                 **dataclasses.asdict(phase)})
+                if interrupt.requested and step < schedule.total_steps:
+                    if ckpt is not None:
+                        ckpt.save(step, history)
+                        logging.warning("QAT interrupted at step %d; checkpoint in %s; "
+                                        "run the same command again to resume", step,
+                                        cfg.checkpoint_dir)
+                    raise KeyboardInterrupt
+            summary = {"epoch": epoch, "step": step,
+                       "loss": float(np.mean(losses)) if losses else None,
+                       "val_accuracy": loop.val_accuracy(logits_of),
+                       "learning_rate": float(plan.learning_rate(step - 1)),
+                       **dataclasses.asdict(phase)}
+            history.append(summary)
+            logging.info("QAT epoch %d (step %d): loss %s, val accuracy %s, lr %.3g",
+                         epoch, step, _fmt(summary["loss"]),
+                         _fmt(summary["val_accuracy"]), summary["learning_rate"])
+            cb.on_epoch_end(epoch, dict(summary))
+            if ckpt is not None:
+                ckpt.save(step, history)
+    cb.on_train_end()
+    return phase
+
+
 def fine_tune(qat_model: keras.Model, data: Dataset, cfg: QatConfig, *,
               teacher: keras.Model | None = None, seed: int = 0,
               float_learning_rate: float | None = None,
               callbacks: list | tuple = (), resume_context: str = "") -> QatResult:
     """Fine-tunes a quantize-applied model following the QAT recipe in ``cfg``.
+
+    The parts: ``TrainingPlan`` (batch, schedule, learning rate), ``ScheduleHooks`` (the
+    schedule on the quantizers), ``_open_checkpoints`` / ``_resume`` (checkpointing) and
+    ``_train`` (the loop).
 
     Args:
       qat_model: an annotated (tfmot-wrapped) model; trained in place and returned.
@@ -551,148 +735,32 @@ def fine_tune(qat_model: keras.Model, data: Dataset, cfg: QatConfig, *,
     strategy = make_strategy(cfg.strategy)
     replicas = strategy.num_replicas_in_sync
     n = len(data.x_train)
-    batch = min(cfg.batch_size, n)
-    batch -= batch % replicas if batch >= replicas else 0
-    spe = max(n // batch, 1)
-    plan = Schedule.from_config(cfg, spe)
-    peak = _peak_rate(cfg, float_learning_rate)
-    lr = WarmupCosine(peak, plan.total_steps, int(cfg.warmup_fraction * plan.total_steps))
-
-    distill = bool(cfg.distill)
-    if distill:
+    plan = TrainingPlan.make(cfg, n, replicas, float_learning_rate)
+    if cfg.distill:
         t_logits = teacher.predict(data.x_train, batch_size=256, verbose=0).astype(np.float32)
     else:
         t_logits = np.zeros((n, 1), np.float32)
 
     model = _replica_model(qat_model, strategy)
     with strategy.scope():
-        optimizer = keras.optimizers.Adam(lr)
+        optimizer = keras.optimizers.Adam(plan.learning_rate)
         optimizer.build(model.trainable_variables)
-    hooks = _Hooks(model)
-    ckpt = None
-    if cfg.checkpoint_dir:
-        ckpt = _Checkpoints(cfg.checkpoint_dir,
-                            fingerprint(cfg, seed, data, model, peak, resume_context),
-                            model, optimizer, _is_chief(strategy))
-        changed = ckpt.stale()
-        if changed:
-            logging.warning("QAT checkpoint in %s is from a different run (changed: %s); "
-                            "starting QAT from the beginning", cfg.checkpoint_dir,
-                            ", ".join(changed))
-            ckpt.discard()
+    scheduled = ScheduleHooks(model)
+    ckpt = _open_checkpoints(cfg, fingerprint(cfg, seed, data, model, plan.peak,
+                                              resume_context) if cfg.checkpoint_dir else {},
+                             model, optimizer, strategy)
     cb = keras.callbacks.CallbackList(list(callbacks), model=model)
+    loop = _Loop(model, optimizer, strategy, data, plan, cfg, seed, t_logits)
     events: list = []
-    alpha, temp = float(cfg.distill_alpha), float(cfg.distill_temperature)
-
-    def make_step():
-        def replica_step(x, y, t):
-            with tf.GradientTape() as tape:
-                logits = model(x, training=True)
-                if distill:
-                    per_example = distillation_loss(y, logits, t, alpha, temp)
-                else:
-                    per_example = keras.losses.sparse_categorical_crossentropy(
-                        y, logits, from_logits=True)
-                loss = tf.nn.compute_average_loss(per_example, global_batch_size=batch)
-                if model.losses:
-                    loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-            variables = model.trainable_variables
-            grads = tape.gradient(loss, variables)
-            optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables, strict=True)
-                                       if g is not None])
-            return loss
-
-        @tf.function
-        def step(x, y, t):
-            losses = strategy.run(replica_step, args=(x, y, t))
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
-
-        return step
-
-    def make_eval():
-        @tf.function
-        def logits_of(x):
-            return model(x, training=False)
-
-        return logits_of
-
-    def val_accuracy(logits_of) -> float | None:
-        if not len(data.x_val):
-            return None
-        preds = [logits_of(tf.constant(data.x_val[i:i + 512])).numpy().argmax(-1)
-                 for i in range(0, len(data.x_val), 512)]
-        return float((np.concatenate(preds) == data.y_val).mean())
-
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = \
-        tf.data.experimental.AutoShardPolicy.DATA
-    options.deterministic = True
-
-    step0, history = 0, []
-    phase = plan.phase(0)
+    step0, phase = 0, plan.schedule.phase(0)
     try:
-        hooks.apply(plan.phase(0))
-        if ckpt is not None:
-            hooks.apply(plan.phase(ckpt.peek_step()))  # bits before restore (LSQ steps)
-            step0, history = ckpt.restore()
-            if step0:
-                logging.info("QAT resumes at step %d (epoch %d) from %s", step0,
-                             step0 // spe, cfg.checkpoint_dir)
-        phase = plan.phase(step0)
-        hooks.apply(phase)
-        train_step, logits_of = make_step(), make_eval()
-        events.append((step0, _describe(phase)))
-        cb.on_train_begin()
-        step = step0
-        with _Interrupt() as interrupt:
-            for epoch in range(step0 // spe, cfg.epochs):
-                order = np.random.default_rng([seed, epoch]).permutation(n)[: spe * batch]
-                ds = tf.data.Dataset.from_tensor_slices(
-                    (data.x_train[order], data.y_train[order], t_logits[order]))
-                ds = ds.batch(batch, drop_remainder=True).skip(step - epoch * spe)
-                ds = strategy.experimental_distribute_dataset(ds.with_options(options))
-                losses = []
-                cb.on_epoch_begin(epoch)
-                for x, y, t in ds:
-                    new = plan.phase(step)
-                    if new != phase:
-                        phase = new
-                        hooks.apply(phase)
-                        train_step, logits_of = make_step(), make_eval()
-                        events.append((step, _describe(phase)))
-                        logging.info("QAT step %d: %s", step, _describe(phase))
-                    cb.on_train_batch_begin(step)
-                    loss = float(train_step(x, y, t))
-                    rate = float(tf.convert_to_tensor(optimizer.learning_rate))  # as applied
-                    losses.append(loss)
-                    step += 1
-                    cb.on_train_batch_end(step - 1, {"loss": loss, "learning_rate": rate,
-                                                     **dataclasses.asdict(phase)})
-                    if interrupt.requested and step < plan.total_steps:
-                        if ckpt is not None:
-                            ckpt.save(step, history)
-                            logging.warning("QAT interrupted at step %d; checkpoint in %s; "
-                                            "run the same command again to resume", step,
-                                            cfg.checkpoint_dir)
-                        raise KeyboardInterrupt
-                summary = {"epoch": epoch, "step": step,
-                           "loss": float(np.mean(losses)) if losses else None,
-                           "val_accuracy": val_accuracy(logits_of),
-                           "learning_rate": float(lr(step - 1)), **dataclasses.asdict(phase)}
-                history.append(summary)
-                logging.info("QAT epoch %d (step %d): loss %s, val accuracy %s, lr %.3g",
-                             epoch, step, _fmt(summary["loss"]),
-                             _fmt(summary["val_accuracy"]), summary["learning_rate"])
-                cb.on_epoch_end(epoch, dict(summary))
-                if ckpt is not None:
-                    ckpt.save(step, history)
-        cb.on_train_end()
+        step0, history = _resume(scheduled, plan.schedule, ckpt, cfg.checkpoint_dir)
+        phase = _train(loop, scheduled, ckpt, cb, cfg, step0, history, events)
     finally:
-        hooks.remove()
+        scheduled.remove()
     if model is not qat_model:  # distributed: copy back into the caller's model
-        origin = _Hooks(qat_model)
-        origin.apply(phase)  # the bit widths the schedule ended with
-        origin.remove()
+        sites = quantizer_sites(qat_model)
+        apply_bits(sites, phase, initial_bits(sites))  # the bit widths the schedule ended with
         qat_model.set_weights(model.get_weights())
     return QatResult(qat_model, accuracy(qat_model, data.x_test, data.y_test), cfg.epochs,
                      time.perf_counter() - start, tuple(history), tuple(events), replicas,

@@ -1,17 +1,12 @@
 """tfmot ``QuantizeConfig``s: which tensors of a layer are quantized, and by what.
 
 Annotation (``edgeqat.annotate``) first rewrites a model into a canonical float form in
-which every layer is one of the kinds below (nested models inlined, BN folded, Conv1D and
-per-channel Dense expressed as Conv2D, SeparableConv split, Rescaling/Normalization and
-standalone BN as ``ChannelAffine``, TFOpLambda as ``Add``/``Multiply``/``ScalarOp``/
-``ReLU``, non-fusable activations split out). This module then says, per layer kind:
-
-* ``PASSTHROUGH`` layers only move or select values (reshape, max-pool, padding,
-  dropout...): TFLite keeps the input's scale, so they are not wrapped at all.
-* ``WEIGHT_ATTRS`` layers quantize the listed weights (dotted paths reach sublayers, as in
-  MultiHeadAttention) and their output.
-* ``OUTPUT_ONLY`` layers quantize their output (elementwise, pooling, activations,
-  LayerNormalization).
+which every layer is one of the kinds of ``edgeqat.layer_kinds`` (nested models inlined,
+BN folded, Conv1D and per-channel Dense expressed as Conv2D, SeparableConv split,
+Rescaling/Normalization and standalone BN as ``ChannelAffine``, TFOpLambda as
+``Add``/``Multiply``/``ScalarOp``/``ReLU``, non-fusable activations split out). This
+module then makes, per layer, the quantizers its kind calls for (``layer_kind``,
+``make_quantize_config``).
 
 A layer of none of these kinds is unsupported: the policy reports it, it is never left in
 float silently.
@@ -25,54 +20,13 @@ import functools
 from edgeqat import quantizers as q
 from edgeqat.config import ACTIVATION_QUANTIZERS, WEIGHT_QUANTIZERS
 from edgeqat.keras import keras, tfmot
-from edgeqat.layers import ChannelAffine, ScalarOp
+from edgeqat.layer_kinds import OUTPUT_ONLY, PASSTHROUGH, weighted
+from edgeqat.layers import ScalarOp
 
 L = keras.layers
 
-PASSTHROUGH = (
-    L.InputLayer, L.Reshape, L.Flatten, L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D,
-    L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.Dropout, L.SpatialDropout1D,
-    L.SpatialDropout2D, L.GaussianNoise, L.GaussianDropout, L.AlphaDropout,
-    L.ZeroPadding1D, L.ZeroPadding2D, L.Cropping1D, L.Cropping2D, L.Permute,
-    L.UpSampling1D, L.RepeatVector, L.ActivityRegularization,
-)
-
-# Weight attributes and whether they may be quantized per channel (last axis) and still
-# convert: conv kernels yes; Dense no ('tfl.transpose' mismatched quantized axes; annotate
-# rewrites a per-channel Dense as a 1x1 Conv2D instead); depthwise and transposed-conv
-# kernels have a size-1 or input-channel last axis, so per tensor (as tfmot does).
-WEIGHT_ATTRS: dict[type, tuple[tuple[str, ...], bool]] = {
-    L.Conv2D: (("kernel",), True),
-    L.Conv1D: (("kernel",), True),
-    L.DepthwiseConv2D: (("depthwise_kernel",), False),
-    L.SeparableConv2D: (("depthwise_kernel", "pointwise_kernel"), False),
-    L.SeparableConv1D: (("depthwise_kernel", "pointwise_kernel"), False),
-    L.Conv2DTranspose: (("kernel",), False),
-    L.Dense: (("kernel",), False),
-    L.EinsumDense: (("kernel",), False),
-    L.Embedding: (("embeddings",), False),
-    L.MultiHeadAttention: (("_query_dense.kernel", "_key_dense.kernel",
-                            "_value_dense.kernel", "_output_dense.kernel"), False),
-    ChannelAffine: (("kernel",), False),
-}
-
-OUTPUT_ONLY = (
-    L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum, L.Concatenate,
-    L.AveragePooling1D, L.AveragePooling2D, L.GlobalAveragePooling1D,
-    L.GlobalAveragePooling2D, L.ReLU, L.LeakyReLU, L.Softmax, L.Activation,
-    L.LayerNormalization, ScalarOp, L.UpSampling2D,
-)
-
-# Activations TFLite fuses into the op before it (CONV_2D, DEPTHWISE_CONV_2D,
-# FULLY_CONNECTED, ADD): no range is needed between the op and them.
+# Activations TFLite fuses into the op before it (``layer_kinds.FUSING_LAYERS``).
 FUSABLE_ACTIVATIONS = ("linear", "relu", "relu6")
-FUSING_LAYERS = (L.Conv2D, L.DepthwiseConv2D, L.Dense, L.Add)
-
-
-def fuses_activation(layer) -> bool:
-    """Whether TFLite fuses a following ReLU/ReLU6 into this layer's op. Not TRANSPOSE_CONV
-    (Conv2DTranspose subclasses Conv2D): its own output needs a trained range."""
-    return isinstance(layer, FUSING_LAYERS) and not isinstance(layer, L.Conv2DTranspose)
 
 # Element-wise activations with an integer TFLite kernel.
 ACTIVATIONS = ("linear", "relu", "relu6", "sigmoid", "tanh", "softmax", "gelu",
@@ -137,7 +91,7 @@ def layer_kind(layer) -> str | None:
         return "passthrough"
     if isinstance(layer, PASSTHROUGH):
         return "passthrough"
-    if type(layer) in WEIGHT_ATTRS:
+    if weighted(layer) is not None:
         return "weights"
     if isinstance(layer, L.Activation):
         return "output" if activation_name(layer) in ACTIVATIONS else None
@@ -291,9 +245,10 @@ def make_quantize_config(layer, *, weight_kind: str = "per_channel", weight_bits
     if isinstance(layer, L.Embedding):
         out = None  # GATHER keeps the table's scale
     if kind == "weights":
-        attrs, per_channel_ok = WEIGHT_ATTRS[type(layer)]
-        return LayerQuantizeConfig(attrs, weight_quantizer(weight_kind, weight_bits,
-                                                           per_channel_ok, lsq_init), out)
+        row = weighted(layer)
+        return LayerQuantizeConfig(row.weights, weight_quantizer(weight_kind, weight_bits,
+                                                                 row.per_channel, lsq_init),
+                                   out)
     return LayerQuantizeConfig((), None, out)
 
 

@@ -15,8 +15,9 @@ import os
 import sys
 from pathlib import Path
 
-from edgeqat import __version__
+from edgeqat import __version__, modes
 from edgeqat.config import DeviceConfig, PipelineConfig
+from edgeqat.modes import FLOAT
 
 
 def _pct(v: float | None) -> str:
@@ -37,7 +38,7 @@ def build_report(cfg: PipelineConfig, device: DeviceConfig, data: dict, trained,
         type: says whether int4 weights are stored as ``int4``).
     """
     mode = cfg.convert.mode
-    qat_name = f"qat_{mode}"
+    qat_name = modes.spec(mode).qat_name
     m = validation.models
     shipped = auto.chosen if auto is not None else qat_name
     float_acc = trained.accuracy
@@ -45,8 +46,8 @@ def build_report(cfg: PipelineConfig, device: DeviceConfig, data: dict, trained,
     lat = {name: {"median_ms": r.latency["median_ms"], "p90_ms": r.latency["p90_ms"],
                   "min_ms": r.latency["min_ms"], "runs": r.latency["runs"]}
            for name, r in m.items()}
-    accuracy = {"float_keras": float_acc, "float_tflite": m["float"].accuracy}
-    accuracy |= {name: r.accuracy for name, r in m.items() if name != "float"}
+    accuracy = {"float_keras": float_acc, "float_tflite": m[FLOAT].accuracy}
+    accuracy |= {name: r.accuracy for name, r in m.items() if name != FLOAT}
     if tuned is not None:
         accuracy["qat_keras"] = tuned.accuracy
     budget = {
@@ -72,7 +73,10 @@ def build_report(cfg: PipelineConfig, device: DeviceConfig, data: dict, trained,
         "agreement": {name: a.to_dict() for name, a in validation.agreement.items()},
         "size_bytes": {name: r.size_bytes for name, r in m.items()},
         "latency": lat,
-        "int8_speedup_median": lat["float"]["median_ms"] / lat[shipped]["median_ms"],
+        # The shipped model's median-latency speed-up over float, and its mode (None for
+        # auto mode's partly-float candidates): 16x8 or int4 models are not int8.
+        "speedup_over_float": {"model": shipped, "mode": modes.mode_of(shipped),
+                               "median": lat[FLOAT]["median_ms"] / lat[shipped]["median_ms"]},
         "ops": {
             "model": f"{shipped}.tflite",
             "full_integer": all(op.is_integer for op in ops),
@@ -210,10 +214,9 @@ def to_markdown(r: dict, plots: dict[str, str] | None = None) -> str:
         "",
         f"`{ops['model']}` is {'fully integer' if ops['full_integer'] else 'NOT fully integer'}"
         f"; ops: " + ", ".join(f"{k} x{v}" for k, v in sorted(ops["counts"].items())) + ".",
-        *_storage_markdown(ops["model"], ops.get("storage")),
+        *storage_markdown(ops["model"], ops.get("storage")),
         "",
-        f"Speed-up of `{ops['model']}` over float (median latency): "
-        f"{r['int8_speedup_median']:.2f}x.",
+        _speedup_markdown(r["speedup_over_float"]),
         "",
         "Stage timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["stage_seconds"].items())
         + ".",
@@ -224,6 +227,12 @@ def to_markdown(r: dict, plots: dict[str, str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def _speedup_markdown(speedup: dict) -> str:
+    mode = f" ({speedup['mode']})" if speedup.get("mode") else ""
+    return (f"Speed-up of `{speedup['model']}.tflite`{mode} over float (median latency): "
+            f"{speedup['median']:.2f}x.")
+
+
 def _model_source_markdown(source: dict | None) -> list[str]:
     if not source or not source.get("path"):
         return []
@@ -232,7 +241,7 @@ def _model_source_markdown(source: dict | None) -> list[str]:
     return [f"Float model: `{source['path']}`, {how}.", ""]
 
 
-def _storage_markdown(model: str, st: dict | None, limit: int = 30) -> list[str]:
+def storage_markdown(model: str, st: dict | None, limit: int = 30) -> list[str]:
     """The shipped file's stored constants: bytes per type, then each tensor's type."""
     if not st or not st.get("constants"):
         return []
@@ -458,9 +467,10 @@ def headline(r: dict, output_dir: Path) -> str:
     acc = r["accuracy"]
     b = r["budget"]
     shipped = b["shipped"]
-    parts = [f"float {_pct(acc['float_keras'])}", f"PTQ {mode} {_pct(acc.get(f'ptq_{mode}'))}"]
-    if f"qat_{mode}" in acc:
-        parts.append(f"QAT {mode} {_pct(acc[f'qat_{mode}'])}")
+    row = modes.spec(mode)
+    parts = [f"float {_pct(acc['float_keras'])}", f"PTQ {mode} {_pct(acc.get(row.ptq_name))}"]
+    if row.qat_name in acc:
+        parts.append(f"QAT {mode} {_pct(acc[row.qat_name])}")
     if r.get("auto"):
         parts.append(f"auto chose {shipped} {_pct(acc.get(shipped))}")
     parts[-1] += f" ({'within' if b['within_budget'] else 'OUTSIDE'} budget)"

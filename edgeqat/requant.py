@@ -20,39 +20,23 @@ single-layer models run on this x86_64 machine and on an emulated Cortex-A72 (aa
 ``install(model, mode, arch)`` puts, on the output quantizer that receives each affected
 layer's result (its own, or that of the ReLU TFLite fuses into it), a step that rounds as
 the kernel on ``arch`` does; the output quantizer then sees an on-grid value and leaves
-it. The step runs only in inference mode and never while ``edgeqat.convert`` traces the
-model (``exporting()``), so training and the flatbuffer are unchanged. It is not saved
+it. The step is a ``hooks.Hook`` in the output quantizer's slot: it runs only in inference
+mode, and ``edgeqat.convert`` traces the model with its hooks suspended
+(``hooks.suspended``), so training and the flatbuffer are unchanged. It is not saved
 with the model: call ``export.prepare_for_export(model, mode)`` again after loading.
 """
 
 from __future__ import annotations
 
-import contextlib
 import platform
-import threading
 
 import numpy as np
 
+from edgeqat import hooks, layer_kinds, modes
 from edgeqat import quantize_configs as qc
 from edgeqat.graph import input_scale, wrapper_classes
 from edgeqat.keras import keras, tf
 from edgeqat.quantizers import Quantizer
-
-_state = threading.local()
-
-# inner layer class -> TFLite op the kernel rule is measured for
-_KERNEL_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
-
-
-@contextlib.contextmanager
-def exporting():
-    """While active, installed kernel rounding is left out of traced graphs."""
-    prev = getattr(_state, "exporting", False)
-    _state.exporting = True
-    try:
-        yield
-    finally:
-        _state.exporting = prev
 
 
 def quantize_multiplier(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -107,26 +91,24 @@ RULES = {"double_rounding": double_rounding, "single_rounding": single_rounding,
          "multiplier_15bit": multiplier_15bit}
 
 
-class KernelRounding:
-    """An output quantizer that first rounds its input as a TFLite kernel does.
+class KernelRounding(hooks.Hook):
+    """An output quantizer's hook that first rounds its input as a TFLite kernel does.
 
     ``grid`` is the accumulator step ``s_in * s_w`` (per output channel or scalar),
-    ``scale`` the output step; everything else goes to the wrapped quantizer.
+    ``scale`` the output step; the quantizer then sees an on-grid value. Inference mode
+    only.
     """
 
     def __init__(self, quantizer, rule: str, grid, scale):
-        self.quantizer = quantizer
+        super().__init__(quantizer)
         self.rule = rule
         self.grid = np.asarray(grid, np.float64)
         self.out_scale = float(scale)
         m = self.grid / _f32(scale)  # TFLite: double(s_in) * double(s_w) / double(s_out)
         self.q, self.shift = quantize_multiplier(m)
 
-    def __getattr__(self, name):  # num_bits, scale(), get_config(), ...
-        return getattr(self.__dict__["quantizer"], name)
-
-    def __call__(self, inputs, training, weights, **kwargs):
-        if not training and not getattr(_state, "exporting", False):
+    def call(self, inputs, training, weights, **kwargs):
+        if not training:
             acc = tf.cast(inputs, tf.float64) / tf.constant(self.grid)
             if self.rule != "multiplier_15bit":
                 acc = tf.cast(tf.round(acc), tf.int64)  # exact: Keras adds on-grid values
@@ -161,26 +143,38 @@ def host_arch() -> str:
     return normalize_arch(platform.machine())
 
 
+def _int4_kernels(weight_bits: int, arch: str, positions: int | None) -> str | None:
+    """int4 on x86_64: two roundings, whatever the shape; on aarch64: one rounding, except
+    where the output has a single position (a matrix-vector product: a dense layer as a
+    1x1 convolution, a convolution whose output is 1x1), which rounds twice as on x86_64.
+    Both emulated in int64, so near-ties round as on the device. 8-bit layers: XNNPACK's
+    single rounding."""
+    if weight_bits > 4:
+        return None
+    if arch == "x86_64" or (arch == "aarch64" and positions == 1):
+        return "double_rounding"
+    return "single_rounding" if arch == "aarch64" else None
+
+
+def _multiplier_15bit(weight_bits: int, arch: str, positions: int | None) -> str:
+    """16x8 on both architectures: the 15-bit multiplier."""
+    return "multiplier_15bit"
+
+
+# A mode's ``kernel_rounding`` (``modes.ModeSpec``) -> (weight bits, arch, positions) ->
+# the ``RULES`` entry its kernels follow there, or None (the float graph's rounding).
+KERNEL_ROUNDING = {"int4_kernels": _int4_kernels, "multiplier_15bit": _multiplier_15bit}
+
+
 def rule_for(mode: str, weight_bits: int, arch: str, positions: int | None = None) -> str | None:
     """The kernel rounding of a ``weight_bits`` layer in ``mode`` on ``arch`` (None: the
     float graph's), for a layer with ``positions`` output positions per sample (its
     spatial size; None: unknown, taken as several). Only what was measured (LiteRT 2.3):
-
-    * int4 on x86_64: two roundings, whatever the shape;
-    * int4 on aarch64: one rounding, except where the output has a single position (a
-      matrix-vector product: a dense layer as a 1x1 convolution, a convolution whose
-      output is 1x1), which rounds twice as on x86_64. Both emulated in int64, so
-      near-ties round as on the device;
-    * 16x8 on both: the 15-bit multiplier.
-    """
-    arch = normalize_arch(arch)
-    if mode == "int4_weights" and weight_bits <= 4:
-        if arch == "x86_64" or (arch == "aarch64" and positions == 1):
-            return "double_rounding"
-        return "single_rounding" if arch == "aarch64" else None
-    if mode == "int16x8":
-        return "multiplier_15bit"
-    return None
+    the mode's row names the rule family (``KERNEL_ROUNDING``)."""
+    family = modes.spec(mode).kernel_rounding
+    if family is None:
+        return None
+    return KERNEL_ROUNDING[family](weight_bits, normalize_arch(arch), positions)
 
 
 def _positions(wrapper) -> int | None:
@@ -193,12 +187,7 @@ def _positions(wrapper) -> int | None:
 
 def remove(model: keras.Model) -> None:
     """Takes installed kernel rounding off ``model`` (in place)."""
-    wrapper_cls, _ = wrapper_classes()
-    for layer in model.layers:
-        if isinstance(layer, wrapper_cls) and getattr(layer, "_output_quantizers", None):
-            layer._output_quantizers = [q.quantizer if isinstance(q, KernelRounding) else q
-                                        for q in layer._output_quantizers]
-    model.predict_function = None  # a cached predict graph would keep the old rounding
+    hooks.remove(model, KernelRounding)
 
 
 def install(model: keras.Model, mode: str, arch: str | None = None) -> list[str]:
@@ -213,8 +202,8 @@ def install(model: keras.Model, mode: str, arch: str | None = None) -> list[str]
     wrapper_cls, _ = wrapper_classes()
     done = []
     for layer in model.layers:
-        if not isinstance(layer, wrapper_cls) or not isinstance(layer.layer, _KERNEL_LAYERS) \
-                or not layer._weight_vars:
+        row = layer_kinds.weighted(layer.layer) if isinstance(layer, wrapper_cls) else None
+        if row is None or not row.kernel_rounding or not layer._weight_vars:
             continue
         kernel, wq, wvars = layer._weight_vars[0]
         rule = rule_for(mode, getattr(wq, "num_bits", 8), arch, _positions(layer))
@@ -226,8 +215,8 @@ def install(model: keras.Model, mode: str, arch: str | None = None) -> list[str]
         s_w = np.asarray(wq.scale(wvars, kernel), np.float64).reshape(-1)
         grid = _f32(s_in) * _f32(s_w)
         s_out = oq.scale(site._output_quantizer_vars)
-        site._output_quantizers = [KernelRounding(oq, rule, grid if grid.size > 1 else grid[0],
-                                                  s_out)]
+        hooks.install(hooks.Slot(site, "output"),
+                      KernelRounding(oq, rule, grid if grid.size > 1 else grid[0], s_out))
         done.append(layer.name)
     model.predict_function = None
     return done

@@ -82,7 +82,7 @@ def test_configs_are_frozen():
 @pytest.mark.parametrize("path", sorted((ROOT / "pipelines").glob("*.toml")), ids=str)
 def test_to_toml_round_trips(path):
     cfg = config.load_pipeline(path)
-    again = config._from_table(config.PipelineConfig, tomllib.loads(config.to_toml(cfg)), "",
+    again = config.from_table(config.PipelineConfig, tomllib.loads(config.to_toml(cfg)), "",
                                "x")
     assert dataclasses.replace(again, source=cfg.source) == cfg
 

@@ -131,14 +131,14 @@ def test_adaround_lands_on_the_grid_and_beats_nearest_rounding():
     x = np.random.default_rng(1).normal(size=(64, 6, 6, 4)).astype(np.float32)
     w = layer.kernel.numpy()
     wq = ptq.adaround_kernel(layer, x, iterations=300)
-    s = ptq._channel_scale(layer, w)
+    s = ptq.channel_scale(layer, w)
     n = wq / s
     np.testing.assert_allclose(n, np.round(n), atol=1e-3)
     assert np.all(np.abs(n - w / s) < 1.0 + 1e-3)  # rounded up or down, never further
     np.testing.assert_allclose(np.abs(n).max(axis=(0, 1, 2)), 127, atol=1e-3)
 
     def err(k):
-        return float(np.mean((ptq._kernel_op(layer, x, k) - ptq._kernel_op(layer, x, w)) ** 2))
+        return float(np.mean((ptq.kernel_op(layer, x, k) - ptq.kernel_op(layer, x, w)) ** 2))
 
     assert err(wq) < err(s * np.round(w / s))
 
@@ -149,7 +149,7 @@ def test_adaround_model_converts_with_its_rounding_kept(bad):
     for name in ("conv_a", "conv_bad"):
         layer = rounded.get_layer(name)
         k = layer.kernel.numpy()
-        n = k / ptq._channel_scale(layer, k)
+        n = k / ptq.channel_scale(layer, k)
         np.testing.assert_allclose(n, np.round(n), atol=1e-3)
     assert inspect.float_ops(ptq.quantize(ptq.calibrate(rounded, x))) == []
 

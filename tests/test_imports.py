@@ -95,3 +95,11 @@ def test_the_checker_sees_a_cycle():
         assert _cycle_from("edgeqat.config") is not None
     finally:
         GRAPH["edgeqat.errors"].discard("edgeqat.config")
+
+
+def test_tests_use_public_names_only():
+    """The tests reach edgeqat through public names: a private one is free to change."""
+    private = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        private += _edges(f"tests.{path.stem}", ast.parse(path.read_text(), str(path)))[1]
+    assert not private, private

@@ -46,7 +46,7 @@ def sample_report(auto: bool = True) -> dict:
         "agreement": {"qat_int8": {"top1": 1.0, "within_2_steps": 1.0, "max_abs_steps": 1.0}},
         "size_bytes": {"float": 40000, "ptq_int8": 20000, "qat_int8": 20000},
         "latency": {"float": lat, "ptq_int8": lat, "qat_int8": lat},
-        "int8_speedup_median": 1.0,
+        "speedup_over_float": {"model": "qat_int8", "mode": "int8", "median": 1.0},
         "ops": {"model": "qat_int8.tflite", "full_integer": True, "counts": {"CONV_2D": 2}},
         "diagnostics": [{"model": "ptq_int8", "method": "quantization_debugger",
                          "reference": "float model", "samples": 8, "layers": layers,
@@ -85,6 +85,14 @@ def test_missed_budget_is_stated():
     assert "MISSES the budget of 2.00 points by 6.00 points" in md
     assert "## Auto mode" not in report.to_markdown(sample_report(auto=False))
     assert "auto.png" not in str(report.make_figures(sample_report(auto=False)).keys())
+
+
+def test_speedup_names_the_shipped_model_and_its_mode():
+    """A 16x8 model's speed-up is not reported under an int8 name."""
+    r = sample_report()
+    r["speedup_over_float"] = {"model": "ptq_int16x8", "mode": "int16x8", "median": 0.5}
+    md = report.to_markdown(r)
+    assert "Speed-up of `ptq_int16x8.tflite` (int16x8) over float (median latency): 0.50x." in md
 
 
 def _chromium(*args, tmp_path):

@@ -87,7 +87,7 @@ def test_int4_keras_equals_litert_and_flatbuffer_unchanged():
     kernels = [c for c in inspect.storage(flat)["constants"] if c["type"] == "int4"]
     assert sorted(c["bytes"] for c in kernels) == [16, 32, 72]  # 8x4, 8x1x1x8, 8x3x3x2
     assert all(c["bytes"] * 2 == np.prod(c["shape"]) for c in kernels)
-    md = "\n".join(report._storage_markdown("m.tflite", inspect.storage(flat)))
+    md = "\n".join(report.storage_markdown("m.tflite", inspect.storage(flat)))
     assert "| int4 |" in md and "int32" in md
     requant.remove(qat)
     np.testing.assert_array_equal(qat.predict(x, verbose=0), plain)

@@ -140,7 +140,7 @@ def test_a_foreign_directory_is_refused_a_stale_checkpoint_says_what_changed(tmp
     from edgeqat.errors import UserError
     from edgeqat.keras import tf
     from edgeqat.outputs import CHECKPOINT_MARKER
-    from edgeqat.qat import _Checkpoints
+    from edgeqat.qat import Checkpoints
 
     state = {"fingerprint": {"data": "old", "pipeline config": "same"}, "step": 10,
              "checkpoint": "qat-10", "history": []}
@@ -148,7 +148,7 @@ def test_a_foreign_directory_is_refused_a_stale_checkpoint_says_what_changed(tmp
     foreign.mkdir()
     (foreign / "state.json").write_text(json.dumps(state))
     with pytest.raises(UserError, match="holds files that are not an edgeqat checkpoint"):
-        _Checkpoints(str(foreign), {}, tf.Variable(0.0), tf.Variable(1.0), chief=True)
+        Checkpoints(str(foreign), {}, tf.Variable(0.0), tf.Variable(1.0), chief=True)
     assert (foreign / "state.json").is_file()
 
     ours = tmp_path / "ours"
@@ -156,7 +156,7 @@ def test_a_foreign_directory_is_refused_a_stale_checkpoint_says_what_changed(tmp
     (ours / CHECKPOINT_MARKER).touch()
     (ours / "state.json").write_text(json.dumps(state))
     (ours / "qat-10.index").write_text("x")
-    ckpt = _Checkpoints(str(ours), {"data": "new", "pipeline config": "same"},
+    ckpt = Checkpoints(str(ours), {"data": "new", "pipeline config": "same"},
                         tf.Variable(0.0), tf.Variable(1.0), chief=True)
     assert ckpt.stale() == ["data"]
     ckpt.discard()
