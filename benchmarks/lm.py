@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -29,6 +31,7 @@ from edgeqat.config import DEVICES_DIR, PIPELINES_DIR, DeviceConfig, load_device
 from edgeqat.lm import evaluate, flow, text  # noqa: E402
 
 PRECISIONS = ({"weight_bits": 8}, {"weight_bits": 4})
+ROUNDS = 3  # runs of every model on the local CPU; speed is the median of the rounds
 
 
 def main(argv=None) -> int:
@@ -58,7 +61,8 @@ def main(argv=None) -> int:
     fidelity = {}
     for changes in PRECISIONS:
         precision = LmPrecision(**changes, head_bits=cfg.lm.head_bits,
-                                score_margin=cfg.lm.score_margin, logit_span=cfg.lm.logit_span)
+                                score_margin=cfg.lm.score_margin, score_cap=cfg.lm.score_cap,
+                                logit_span=cfg.lm.logit_span)
         t = time.perf_counter()
         ptq = flow.quantize_post_training(float_model, data, precision)
         tflites[ptq.ptq_name] = ptq.ptq_tflite
@@ -73,9 +77,11 @@ def main(argv=None) -> int:
             paths[n] = Path(tmp) / f"{n}.tflite"
             paths[n].write_bytes(content)
         t = time.perf_counter()
-        runs = run_lm_on_device(DeviceConfig(), paths, test, prompt,
-                                decode_windows=cfg.lm.decode_windows,
-                                max_new_tokens=cfg.lm.generate_tokens)
+        rounds = [run_lm_on_device(DeviceConfig(), paths, test, prompt,
+                                   decode_windows=cfg.lm.decode_windows if i == 0 else 0,
+                                   max_new_tokens=cfg.lm.generate_tokens)
+                  for i in range(ROUNDS)]
+        runs = rounds[0]
         seconds["local CPU runs"] = time.perf_counter() - t
         pi = None
         if args.pi:
@@ -86,6 +92,12 @@ def main(argv=None) -> int:
                                   max_new_tokens=cfg.lm.generate_tokens)
             seconds["emulated Pi runs"] = time.perf_counter() - t
     rows = flow.score_rows(runs, tflites, test[:, 1:ctx + 1], host["float"])
+    for row in rows:  # speed: the median over the rounds, with the spread
+        for th, sp in row["speed"].items():
+            for key in list(sp):
+                values = [r[row["name"]].info["speed"][th][key] for r in rounds]
+                sp[key] = float(np.median(values))
+                sp[key + "_spread"] = [float(min(values)), float(max(values))]
     for n, logits in host.items():
         if n.startswith("qat_"):
             qd = runs[n].info["logits"]
@@ -125,7 +137,8 @@ def to_markdown(r: dict) -> str:
              f"context {m['context']}, {m['parameters']:,} parameters, byte tokens; "
              f"{r['rows'][0]['tokens']:,} test tokens of the built-in corpus "
              f"({r['data']['bytes']:,} bytes, sha256 `{r['data']['sha256'][:12]}…`). "
-             "Local CPU (LiteRT, XNNPACK); all rows from one run.", "",
+             "Local CPU (LiteRT, XNNPACK); all rows from one run; tokens/s are medians of "
+             f"{ROUNDS} rounds.", "",
              *table_rows({"rows": r["rows"]}), ""]
     for n, f in r["keras_vs_tflite"].items():
         dv = by[n].get("decode_vs_prefill") or {}
@@ -133,11 +146,15 @@ def to_markdown(r: dict) -> str:
                      f"logits within 2 steps {100 * f['logits_within']:.2f}%; decode vs "
                      f"prefill within 2 steps on {100 * dv.get('positions_within', 0):.2f}% of "
                      "positions.")
-    f8 = by.get("float", {}).get("speed", {}).get("1", {}).get("decode_tokens_per_s")
+    f8 = by.get("float", {}).get("speed", {}).get("1", {})
     for n in ("qat_w8a8", "qat_w4a8"):
         if n in by and f8:
-            ratio = by[n]["speed"]["1"]["decode_tokens_per_s"] / f8
-            lines.append(f"- `{n}` decode speed at 1 thread: {ratio:.2f}x float's.")
+            sp = by[n]["speed"]["1"]
+            lo = sp["decode_tokens_per_s_spread"][0] / f8["decode_tokens_per_s_spread"][1]
+            hi = sp["decode_tokens_per_s_spread"][1] / f8["decode_tokens_per_s_spread"][0]
+            ratio = sp["decode_tokens_per_s"] / f8["decode_tokens_per_s"]
+            lines.append(f"- `{n}` decode speed at 1 thread: {ratio:.2f}x float's (medians of "
+                         f"{ROUNDS} rounds; {lo:.2f}-{hi:.2f}x from the rounds' extremes).")
     for n, pi in (r.get("rpi4_emulated") or {}).items():
         lines.append(f"- Emulated Pi 4 (`{pi['runtime']}`), `{n}`: prefill logits identical "
                      f"to this machine's {100 * pi['prefill_identical']:.2f}%, generated "

@@ -324,7 +324,9 @@ class LmConfig(Checked):
     qat_learning_rate: float = bounded(3e-4, POSITIVE)
     distill: float = bounded(0.5, FRACTION)  # weight of the KL to the float model
     head_bits: int = bounded(8, Range(4, 8, text="must be 4..8"))
-    score_margin: float = bounded(16.0, POSITIVE)
+    score_margin: float = bounded(16.0, POSITIVE)  # masked scores: this far below the top
+    score_cap: float = bounded(8.0, POSITIVE)  # attention scores beyond +-cap are penalised
+    score_penalty: float = bounded(0.01, AT_LEAST_0)  # ... with this weight (0: off)
     logit_span: float = bounded(16.0, POSITIVE)
     eval_windows: int = bounded(64, AT_LEAST_1)  # test windows every model is scored on
     decode_windows: int = bounded(2, AT_LEAST_0)  # of those, run through the decode loop

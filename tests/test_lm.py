@@ -18,6 +18,10 @@ import pytest
 from edgeqat.lm import evaluate, text
 from tests.conftest import ROOT
 
+# The tests reading the tiny run share one worker, so the run is made once (xdist
+# loadgroup), not once per worker.
+GROUP = pytest.mark.xdist_group("tiny_lm")
+
 TINY_LM = """
 name = "tiny_lm"
 seed = 0
@@ -28,9 +32,9 @@ context = 32
 dim = 32
 layers = 1
 heads = 2
-steps = 150
+steps = 120
 batch_size = 32
-qat_steps = 30
+qat_steps = 20
 eval_windows = 12
 decode_windows = 2
 generate_tokens = 12
@@ -49,6 +53,7 @@ def tiny_run(tmp_path_factory):
     return work / "out", p
 
 
+@GROUP
 def test_the_run_writes_every_model_the_states_and_the_report(tiny_run):
     out, p = tiny_run
     names = {f.name for f in out.iterdir()}
@@ -62,6 +67,7 @@ def test_the_run_writes_every_model_the_states_and_the_report(tiny_run):
     assert not list(out.parent.glob("out.ckpt*"))  # no checkpoint left
 
 
+@GROUP
 def test_both_signatures_are_fully_integer_with_the_cache_as_int8(tiny_run):
     from ai_edge_litert.interpreter import Interpreter
 
@@ -86,6 +92,7 @@ def test_both_signatures_are_fully_integer_with_the_cache_as_int8(tiny_run):
     assert "L2_NORMALIZATION" in report["full_integer"]["prefill"]
 
 
+@GROUP
 def test_keras_qat_and_tflite_agree_and_decode_matches_prefill(tiny_run):
     out, _ = tiny_run
     r = json.loads((out / "report.json").read_text())
@@ -107,6 +114,7 @@ def test_keras_qat_and_tflite_agree_and_decode_matches_prefill(tiny_run):
     assert r["samples"]["prompt"] == "def "
 
 
+@GROUP
 def test_the_runner_generates_from_a_prompt_with_numpy_and_litert(tiny_run):
     out, _ = tiny_run
     runner = ROOT / "edgeqat" / "harness" / "runner.py"
@@ -163,3 +171,30 @@ def test_scores_agreement_and_gap():
     assert got["logits_within"] == pytest.approx(2 / 3) and got["positions_within"] == 0
     assert evaluate.gap_recovered(10.0, 12.0, 10.5) == pytest.approx(0.75)
     assert evaluate.gap_recovered(10.0, 10.001, 10.0) is None
+
+
+def test_w4a8_stores_packed_int4_kernels_and_matches_its_keras_model():
+    """W4A8 through the same export: a few float steps, calibrated ranges, least-squares
+    clips, no QAT."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgeqat import inspect
+    from edgeqat.lm import export, flow, train
+    from edgeqat.lm.model import LmPrecision, LmShape, TinyLm
+
+    windows = text.load_text(None, 16).train[::50]
+    shape = LmShape(context=16, dim=32, layers=1, heads=2)
+    float_model = TinyLm(shape)
+    train.pretrain(float_model, windows, train.Schedule(40, 32, 3e-3, warmup=4), 0)
+    model = train.copy_of(float_model, precision=LmPrecision(weight_bits=4))
+    train.calibrate(model, windows, batches=2, batch_size=8)
+    tflite = export.to_tflite(model, "full_integer", windows)
+    inspect.require_full_integer_everywhere(tflite, "w4a8")
+    stored = {t["name"]: t["type"] for t in inspect.tensors(tflite)}
+    assert sum(t == "int4" for t in stored.values()) == 6  # Q, K, V, O, up, down
+    keras = flow.keras_logits(model, windows[:8], 16)
+    prefill = Interpreter(model_content=tflite).get_signature_runner("prefill")
+    scale, zero = prefill.get_output_details()["logits"]["quantization"]
+    raw = np.stack([prefill(tokens=w[None, :16])["logits"][0] for w in windows[:8]])
+    got = evaluate.step_agreement(evaluate.to_steps(keras, scale, zero), raw)
+    assert got["logits_within"] >= 0.99, got

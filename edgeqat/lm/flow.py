@@ -30,7 +30,7 @@ def precision_for(cfg: PipelineConfig):
 
     return LmPrecision(weight_bits=4 if cfg.convert.mode == "int4_weights" else 8,
                        head_bits=cfg.lm.head_bits, score_margin=cfg.lm.score_margin,
-                       logit_span=cfg.lm.logit_span)
+                       score_cap=cfg.lm.score_cap, logit_span=cfg.lm.logit_span)
 
 
 def shape_for(cfg: PipelineConfig):
@@ -143,7 +143,7 @@ def quantize_aware(ptq: LmQuantized, float_model, data, cfg: PipelineConfig) -> 
     losses = train.fine_tune(model, float_model, data.train,
                              train.Schedule(lm.qat_steps, lm.batch_size, lm.qat_learning_rate,
                                             warmup=min(50, lm.qat_steps // 10)),
-                             cfg.seed + 1, lm.distill)
+                             cfg.seed + 1, lm.distill, score_penalty=lm.score_penalty)
     tflite = export.to_tflite(model, "full_integer", data.train)
     ops = inspect.require_full_integer_everywhere(tflite, f"{ptq.name}.tflite")
     return dataclasses.replace(ptq, model=model, tflite=tflite, ops=ops, losses=losses)
@@ -155,14 +155,15 @@ def pretrain_float(cfg: PipelineConfig, data, state: dict | None):
     from edgeqat.lm.model import TinyLm
 
     shape = shape_for(cfg)
-    model = TinyLm(shape, seed=cfg.seed)
+    model = TinyLm(shape, precision_for(cfg), seed=cfg.seed)  # (score_cap applies in float)
     if state is not None:
         model.set_state({k: (v[: shape.context] if k == "param/pos" else v)
                          for k, v in state.items()})
     steps = 0 if state is not None else cfg.lm.steps
     losses = train.pretrain(model, data.train,
                             train.Schedule(steps, cfg.lm.batch_size, cfg.lm.learning_rate,
-                                           warmup=min(100, steps // 10)), cfg.seed)
+                                           warmup=min(100, steps // 10)), cfg.seed,
+                            score_penalty=cfg.lm.score_penalty)
     return model, losses
 
 

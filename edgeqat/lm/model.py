@@ -67,6 +67,7 @@ class LmPrecision:
     weight_bits: int = 8  # Q/K/V/O and MLP projections: 8 or 4
     head_bits: int = 8  # the output projection
     score_margin: float = 16.0  # masked attention scores sit >= this far below the top
+    score_cap: float = 8.0  # scores beyond +-cap are penalised in training
     logit_span: float = 16.0  # logits below top - span saturate (softmax weight < 1e-7)
 
     @property
@@ -148,6 +149,7 @@ class TinyLm(tf.Module):
         self.observe = tf.Variable(0, trainable=False, name="observe")
         self.momentum = tf.Variable(0.99, trainable=False, name="momentum")
         self.quantized = False
+        self.penalties: list = []  # the score penalties of the last call (training)
         self.frozen = None  # name -> (lo, hi) while tracing the export signatures
 
     # ------------------------------------------------------------------ parameters
@@ -291,6 +293,11 @@ class TinyLm(tf.Module):
         """The rest of block ``i``: attention of ``q`` over ``k``/``v`` where ``mask``
         (broadcast to [B, H, Tq, Tk]) is true, then the MLP."""
         s = tf.matmul(q, k, transpose_b=True)
+        # Scores beyond +-score_cap cost a penalty in training (``score_penalty``): sharp
+        # attention needs a wide int8 score grid, and one step of a wide grid moves a
+        # softmax output by many of its steps.
+        over = tf.nn.relu(tf.abs(tf.where(mask, s, 0.0)) - self.precision.score_cap)
+        self.penalties.append(tf.reduce_mean(tf.square(over)))
         s = self.q(f"{i}.score", tf.where(mask, s, MASKED), observed=tf.where(mask, s, 0.0))
         p = self.q_fixed(tf.nn.softmax(s, axis=-1), SOFTMAX_RANGE)
         a = self.q(f"{i}.attn", tf.matmul(p, v))
@@ -304,6 +311,7 @@ class TinyLm(tf.Module):
 
     def __call__(self, tokens):
         """Teacher-forced logits [B, T, vocab] for tokens [B, T] (T <= context)."""
+        self.penalties = []
         t = tf.shape(tokens)[1]
         x = self.embed(tokens, tf.range(t)[None])
         mask = tf.range(t)[None, :] <= tf.range(t)[:, None]

@@ -46,7 +46,8 @@ def nll(logits, targets):
 
 
 def _fit(model: TinyLm, windows: np.ndarray, schedule: Schedule, seed: int, what: str,
-         teacher: TinyLm | None = None, distill: float = 0.0, on_step=None) -> list[float]:
+         teacher: TinyLm | None = None, distill: float = 0.0, on_step=None,
+         score_penalty: float = 0.0) -> list[float]:
     """AdamW on the model's trainable variables; returns the loss every 50 steps."""
     variables = model.trainable if model.quantized else model.weights
     opt = tf.keras.optimizers.AdamW(learning_rate=schedule.learning_rate, weight_decay=0.01,
@@ -59,6 +60,8 @@ def _fit(model: TinyLm, windows: np.ndarray, schedule: Schedule, seed: int, what
         with tf.GradientTape() as tape:
             logits = model(x)
             loss = nll(logits, y)
+            if score_penalty:
+                loss += score_penalty * tf.add_n(model.penalties)
             if soft is not None:
                 kl = tf.reduce_mean(tf.reduce_sum(
                     tf.nn.softmax(soft) * (tf.nn.log_softmax(soft) - tf.nn.log_softmax(logits)),
@@ -82,9 +85,13 @@ def _fit(model: TinyLm, windows: np.ndarray, schedule: Schedule, seed: int, what
     return losses
 
 
-def pretrain(model: TinyLm, windows: np.ndarray, schedule: Schedule, seed: int) -> list[float]:
+def pretrain(model: TinyLm, windows: np.ndarray, schedule: Schedule, seed: int,
+             score_penalty: float = 0.0) -> list[float]:
+    """Float training; ``score_penalty`` weighs the squared attention scores beyond
+    ``precision.score_cap`` (see ``TinyLm.attend``)."""
     model.quantized = False
-    return _fit(model, windows, schedule, seed, "float pre-training")
+    return _fit(model, windows, schedule, seed, "float pre-training",
+                score_penalty=score_penalty)
 
 
 def calibrate(model: TinyLm, windows: np.ndarray, batches: int = 8, batch_size: int = 16):
@@ -102,7 +109,8 @@ def calibrate(model: TinyLm, windows: np.ndarray, batches: int = 8, batch_size: 
 
 
 def fine_tune(model: TinyLm, teacher: TinyLm, windows: np.ndarray, schedule: Schedule,
-              seed: int, distill: float, freeze_at: float = 0.5) -> list[float]:
+              seed: int, distill: float, freeze_at: float = 0.5,
+              score_penalty: float = 0.0) -> list[float]:
     """QAT from calibrated ranges: moving-average ranges until ``freeze_at`` of the
     steps, then frozen; ``distill`` weighs the KL to the float teacher."""
     model.quantized = True
@@ -116,7 +124,8 @@ def fine_tune(model: TinyLm, teacher: TinyLm, windows: np.ndarray, schedule: Sch
             model.observe.assign(OBSERVE_FROZEN)
 
     losses = _fit(model, windows, schedule, seed, f"QAT {model.precision.name}",
-                  teacher=teacher, distill=distill, on_step=on_step)
+                  teacher=teacher, distill=distill, on_step=on_step,
+                  score_penalty=score_penalty)
     model.observe.assign(OBSERVE_FROZEN)
     return losses
 
