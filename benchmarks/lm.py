@@ -100,9 +100,7 @@ def main(argv=None) -> int:
                 sp[key + "_spread"] = [float(min(values)), float(max(values))]
     for n, logits in host.items():
         if n.startswith("qat_"):
-            qd = runs[n].info["logits"]
-            fidelity[n] = evaluate.step_agreement(
-                evaluate.to_steps(logits, qd["scale"], qd["zero_point"]), runs[n].outputs)
+            fidelity[n] = flow.keras_vs_tflite(logits, runs[n])
     result = {"pipeline": cfg.name, "model": {**vars(flow.shape_for(cfg)),
                                               "parameters": float_model.parameter_count()},
               "data": data.summary(), "rows": rows, "keras_vs_tflite": fidelity,

@@ -17,6 +17,7 @@ import pytest
 
 from edgeqat.lm import evaluate, text
 from tests.conftest import ROOT
+from tests.test_bad_inputs import run_cli
 
 # The tests reading the tiny run share one worker, so the run is made once (xdist
 # loadgroup), not once per worker.
@@ -46,9 +47,7 @@ max_perplexity_increase = 0.05
 def tiny_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("lm")
     (work / "tiny_lm.toml").write_text(TINY_LM)
-    p = subprocess.run([sys.executable, "-m", "edgeqat.pipeline", "--pipeline", "tiny_lm.toml",
-                        "--output_dir", "out"], cwd=work, capture_output=True, text=True,
-                       timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    p = run_cli(["--pipeline", "tiny_lm.toml", "--output_dir", "out"], work, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return work / "out", p
 

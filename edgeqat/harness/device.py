@@ -187,7 +187,7 @@ def run_on_device(device: DeviceConfig, models: dict[str, Path], x: np.ndarray,
     arrays = {"x": x} if y is None else {"x": x, "y": y}
     argv = ["--warmup", str(warmup), "--runs", str(runs),
             "--num_threads", str(device.num_threads)]
-    return _run_all(device, models, arrays, argv, _image_run, sleep)
+    return _run_all(device, models, arrays, argv, ("outputs", "raw"), sleep)
 
 
 def run_lm_on_device(device: DeviceConfig, models: dict[str, Path], windows: np.ndarray,
@@ -209,20 +209,14 @@ def run_lm_on_device(device: DeviceConfig, models: dict[str, Path], windows: np.
     argv = ["--lm", "--decode_windows", str(decode_windows),
             "--threads", ",".join(map(str, threads)), "--max_new_tokens", str(max_new_tokens),
             "--runs", str(runs), "--warmup", "2"]
-    return _run_all(device, models, {"windows": windows, "prompt": prompt}, argv, _lm_run,
-                    sleep)
-
-
-def _image_run(name: str, f) -> DeviceRun:
-    return DeviceRun(name, {}, f["outputs"], f["raw"])
-
-
-def _lm_run(name: str, f) -> DeviceRun:
-    return DeviceRun(name, {}, f["prefill"], f["decode"])
+    return _run_all(device, models, {"windows": windows, "prompt": prompt}, argv,
+                    ("prefill", "decode"), sleep)
 
 
 def _run_all(device: DeviceConfig, models: dict[str, Path], arrays: dict, argv: list[str],
-             load: Callable, sleep: Callable[[float], None]) -> dict[str, DeviceRun]:
+             keys: tuple[str, str], sleep: Callable[[float], None]) -> dict[str, DeviceRun]:
+    """Runs each model with the runner flags ``argv``; ``keys`` name the arrays of the
+    runner's output .npz that become ``DeviceRun.outputs`` and ``.raw``."""
     results: dict[str, DeviceRun] = {}
     with tempfile.TemporaryDirectory(prefix="edgeqat-run-") as tmp_name:
         tmp = Path(tmp_name)
@@ -234,7 +228,7 @@ def _run_all(device: DeviceConfig, models: dict[str, Path], arrays: dict, argv: 
                 sent, note = _prepare_model(device, name, Path(path), tmp)
                 results[name] = session.attempt(
                     lambda name=name, sent=sent, note=note: _run_one(
-                        device, session, name, sent, note, tmp, argv, load),
+                        device, session, name, sent, note, tmp, argv, keys),
                     f"running {name}")
         except DeviceError as e:
             e.partial = dict(results)
@@ -281,7 +275,7 @@ def _probe(device: DeviceConfig, session: _Session) -> dict:
 
 
 def _run_one(device: DeviceConfig, session: _Session, name: str, path: Path, note: str,
-             tmp: Path, extra: list[str], load: Callable) -> DeviceRun:
+             tmp: Path, extra: list[str], keys: tuple[str, str]) -> DeviceRun:
     transport = session.transport
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     remote_model = transport.put(path, f"{name}.tflite")
@@ -301,5 +295,4 @@ def _run_one(device: DeviceConfig, session: _Session, name: str, path: Path, not
     if note:
         info["host_note"] = note
     with np.load(tmp / f"{name}.npz") as f:
-        run = load(name, f)
-    return DeviceRun(name, info, run.outputs, run.raw)
+        return DeviceRun(name, info, f[keys[0]], f[keys[1]])

@@ -183,32 +183,28 @@ def run(cfg: PipelineConfig, device: DeviceConfig, stage):
     from edgeqat.keras import keras, tf
 
     keras.utils.set_random_seed(cfg.seed)
-    shape, precision = shape_for(cfg), precision_for(cfg)
+    shape = shape_for(cfg)
     with stage("float"):
         float_model, losses = pretrain_float(cfg, data, state)
     with stage("ptq"):
         tflites = baselines(float_model)
-        ptq = quantize_post_training(float_model, data, precision)
+        ptq = quantize_post_training(float_model, data, precision_for(cfg))
         tflites[ptq.ptq_name] = ptq.ptq_tflite
     with stage("qat"):
         q = quantize_aware(ptq, float_model, data, cfg)
         tflites[q.name] = q.tflite
-        shipped, ops, qat_model, qat_losses = q.name, q.ops, q.model, q.losses
-        ptq_model, name = ptq.ptq_model, precision.name
     with stage("validate"):
         test = data.test[: lm.eval_windows]
         host = {"float": keras_logits(float_model, test, shape.context),
-                f"ptq_{name}": keras_logits(ptq_model, test, shape.context),
-                shipped: keras_logits(qat_model, test, shape.context)}
-        runs, host_runs = _run_models(device, tflites, test, lm, shipped)
-        kernels = kernel_agreement(tflites[shipped], test, shape.context)
+                ptq.ptq_name: keras_logits(ptq.ptq_model, test, shape.context),
+                q.name: keras_logits(q.model, test, shape.context)}
+        runs, host_runs = _run_models(device, tflites, test, lm, q.name)
+        kernels = kernel_agreement(q.tflite, test, shape.context)
     tf.keras.backend.clear_session()
     report = build_report(cfg, device, data, float_model, tflites, runs, host_runs, host,
-                          shipped, ops, test, stage.seconds,
-                          {"float": losses, "qat": qat_losses})
-    report["fidelity"]["xnnpack_vs_reference_kernels"] = kernels
+                          q, kernels, test, stage.seconds, {"float": losses, "qat": q.losses})
     files = {"lm_float.npz": _npz_bytes(float_model.get_state()),
-             "lm_qat.npz": _npz_bytes(qat_model.get_state())}
+             "lm_qat.npz": _npz_bytes(q.model.get_state())}
     return PipelineResult(config=cfg, device=device, data=data.summary(), float_model=None,
                           qat_model=None, tflites=tflites, report=report, files=files)
 
@@ -282,8 +278,16 @@ def score_rows(runs: dict, tflites: dict, targets: np.ndarray, reference: np.nda
     return rows
 
 
-def build_report(cfg, device, data, float_model, tflites, runs, host_runs, host, shipped,
-                 ops, test, seconds, losses) -> dict:
+def keras_vs_tflite(keras_logits_: np.ndarray, run) -> dict:
+    """A QAT model's TensorFlow logits vs its flatbuffer's on the device, in the
+    flatbuffer's output steps."""
+    q = run.info["logits"]
+    return evaluate.step_agreement(evaluate.to_steps(keras_logits_, q["scale"],
+                                                     q["zero_point"]), run.outputs)
+
+
+def build_report(cfg, device, data, float_model, tflites, runs, host_runs, host,
+                 q: LmQuantized, kernels: dict, test, seconds, losses) -> dict:
     from edgeqat.report import versions
 
     ctx = cfg.lm.context
@@ -291,10 +295,10 @@ def build_report(cfg, device, data, float_model, tflites, runs, host_runs, host,
     reference = host["float"]
     rows = score_rows(runs, tflites, targets, reference)
     by = {r["name"]: r for r in rows}
-    q = runs[shipped].info["logits"]
-    fidelity = {"keras_vs_tflite": evaluate.step_agreement(
-        evaluate.to_steps(host[shipped], q["scale"], q["zero_point"]), runs[shipped].outputs),
-        "decode_vs_prefill": by[shipped].get("decode_vs_prefill")}
+    shipped = q.name
+    fidelity = {"keras_vs_tflite": keras_vs_tflite(host[shipped], runs[shipped]),
+                "decode_vs_prefill": by[shipped].get("decode_vs_prefill"),
+                "xnnpack_vs_reference_kernels": kernels}
     keras = {n: evaluate.scores(v, targets, reference) for n, v in host.items()}
     increase = by[shipped]["perplexity"] / by["float"]["perplexity"] - 1
     samples = {"prompt": cfg.lm.prompt,
@@ -317,8 +321,8 @@ def build_report(cfg, device, data, float_model, tflites, runs, host_runs, host,
         "rows": rows,
         "keras": keras,
         "fidelity": fidelity,
-        "full_integer": {sig: sorted({o.name for o in o_}) for sig, o_ in ops.items()},
-        "signatures": sorted(ops),
+        "full_integer": {sig: sorted({o.name for o in o_}) for sig, o_ in q.ops.items()},
+        "signatures": sorted(q.ops),
         "samples": samples,
         "budget": {"max_perplexity_increase": cfg.lm.max_perplexity_increase,
                    "shipped": shipped, "perplexity_increase": increase,
