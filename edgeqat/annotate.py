@@ -8,8 +8,9 @@ Three passes, each a re-execution of the functional graph with a per-node rule:
 2. ``canonicalize`` (float, same function as the input model): fold a BatchNormalization
    into the convolution/Dense before it using its trained statistics ("fold + freeze":
    QAT then trains the folded weights and the BN statistics no longer move); turn
-   Rescaling, Normalization and any other BN into ``ChannelAffine`` (one depthwise 1x1
-   op); express Conv1D and, where the policy asks for per-channel weights, Dense as Conv2D
+   Rescaling, Normalization and any other BN into an elementwise MUL and ADD
+   (``ScalarOp``/``ChannelOp``; consecutive ones composed, identities dropped);
+   express Conv1D and, where the policy asks for per-channel weights, Dense as Conv2D
    between reshapes (per-axis Dense does not convert); split SeparableConv into depthwise +
    pointwise; split activations TFLite cannot fuse (swish -> sigmoid * x).
 3. ``quantize``: wrap every layer in tfmot's ``QuantizeWrapperV2`` with the
@@ -33,7 +34,7 @@ from edgeqat import quantize_configs as qc
 from edgeqat.config import PolicyConfig
 from edgeqat.errors import UserError
 from edgeqat.keras import keras, require_keras2, tf, tfmot
-from edgeqat.layers import LAYERS, ChannelAffine, ScalarOp
+from edgeqat.layers import LAYERS, ChannelOp, ScalarOp
 from edgeqat.policy import LayerSpec, report_unsupported, resolve
 from edgeqat.quantizers import REGISTRY
 
@@ -269,6 +270,7 @@ class _Canon:
         self.folded: set[int] = set()  # BNs folded into the layer before, ReLUs moved
         self.origin = dict(origin)
         self.wants_per_channel = wants_per_channel
+        self.affines: dict[int, tuple] = {}  # id(output) -> (input, scale, offset) of _affine
 
     def derive(self, new_layer, source_name):
         self.origin[new_layer.name] = self.origin.get(source_name, (source_name, "?"))
@@ -401,32 +403,57 @@ def _per_channel_dense(c: _Canon, n: _Node):
     return h if n.fusable else c.activation_after(h, n.act, name, name)
 
 
+def _affine(c: _Canon, n: _Node, scale, offset):
+    """``n``'s output as ``x * scale + offset`` (per channel) in elementwise ops: a MUL
+    unless every scale is 1, an ADD unless every offset is 0, scalar constants when all
+    channels agree (none at all for an identity). An affine right after another one this
+    pass made (its lone consumer) is composed with it into one MUL and one ADD."""
+    x = n.x
+    channels = int(x.shape[-1])
+    scale = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (channels,))
+    offset = np.broadcast_to(np.asarray(offset, np.float64).reshape(-1), (channels,))
+    source = n.node.keras_inputs[0]
+    prev = c.affines.get(id(x))
+    if prev is not None and len(c.consumers.get(id(source), [])) == 1:
+        x, s0, o0 = prev
+        scale, offset = s0 * scale, o0 * scale + offset
+    out = x
+    for op, values, neutral in (("mul", scale, 1.0), ("add", offset, 0.0)):
+        if np.all(values == neutral):
+            continue
+        name = c.names(n.name if out is x else f"{n.name}_{op}")
+        if np.all(values == values[0]):
+            layer = ScalarOp(op, float(values[0]), name=name)
+        else:
+            layer = ChannelOp(op, values.astype(np.float32), name=name)
+        out = c.derive(layer, n.name)(out)
+    c.affines[id(out)] = (x, scale, offset)
+    return out
+
+
 def _rescaling_as_affine(c: _Canon, n: _Node):
     if not isinstance(n.layer, L.Rescaling):
         return None
-    return c.derive(ChannelAffine(n.layer.scale, n.layer.offset, name=c.names(n.name)),
-                    n.name)(n.x)
+    return _affine(c, n, n.layer.scale, n.layer.offset)
 
 
 def _normalization_as_affine(c: _Canon, n: _Node):
-    """A last-axis, non-inverting Normalization as ``ChannelAffine``."""
+    """A last-axis, non-inverting Normalization as an affine map."""
     layer, x = n.layer, n.x
     if not (isinstance(layer, L.Normalization) and len(layer.axis) == 1
             and layer.axis[0] in (-1, x.shape.rank - 1)) or layer.invert is not False:
         return None
     mean = np.asarray(layer.mean).reshape(-1)
     std = np.maximum(np.sqrt(np.asarray(layer.variance).reshape(-1)), keras.backend.epsilon())
-    inv = np.broadcast_to(1.0 / std, (x.shape[-1],))
-    return c.derive(ChannelAffine(inv, np.broadcast_to(-mean, inv.shape) * inv,
-                                  name=c.names(n.name)), n.name)(x)
+    return _affine(c, n, 1.0 / std, -mean / std)
 
 
 def _batchnorm_as_affine(c: _Canon, n: _Node):
-    """A BatchNormalization that folded into nothing, as ``ChannelAffine``."""
+    """A BatchNormalization that folded into nothing, as an affine map."""
     if not (isinstance(n.layer, L.BatchNormalization) and _bn_last_axis(n.layer)):
         return None
     scale, shift = _bn_factors(n.layer)
-    return c.derive(ChannelAffine(scale, shift, name=c.names(n.name)), n.name)(n.x)
+    return _affine(c, n, scale, shift)
 
 
 def _swish_split(c: _Canon, n: _Node):
@@ -584,7 +611,9 @@ def quantize(canon: keras.Model, spec_of) -> keras.Model:
             # Wrap an unbuilt copy, as loading does, so the wrapper orders its weights
             # the same way in both cases (h5 restores by order); weights copied below.
             # MultiHeadAttention builds its sublayers only when called: wrap it as is.
-            inner = layer if separate_output else _clone(layer, layer.name)
+            inner = layer if separate_output else _clone(
+                layer, layer.name, **({"quantize_values": True}
+                                      if isinstance(layer, ChannelOp) else {}))
             wrapper = _QuantizeWrapper(inner, config, name=f"quant_{layer.name}")
             if inner is not layer:
                 wrapper.build(tf.nest.map_structure(lambda t: t.shape, args[0]))

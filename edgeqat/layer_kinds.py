@@ -23,7 +23,7 @@ import enum
 from dataclasses import dataclass
 
 from edgeqat.keras import keras
-from edgeqat.layers import ChannelAffine, ScalarOp
+from edgeqat.layers import ChannelAffine, ChannelOp, ScalarOp
 
 L = keras.layers
 
@@ -43,11 +43,12 @@ class WeightedKind:
     Attributes:
       weights: attribute paths of the weights QAT quantizes (``_query_dense.kernel``
         reaches a sublayer).
-      per_channel: the weights may be quantized per output channel (last axis) and still
-        convert. Conv kernels yes; Dense no ('tfl.transpose' mismatched quantized axes:
-        annotate rewrites a per-channel Dense as a 1x1 Conv2D instead); depthwise and
-        transposed-conv kernels have a size-1 or input-channel last axis: per tensor, as
-        tfmot does.
+      per_channel: the weights may be quantized per output channel and still convert.
+        Conv kernels yes (last axis); depthwise kernels yes, over their last two axes (in
+        x multiplier, TFLite's output channels; LSQ, which learns steps on the last axis,
+        keeps them per tensor); Dense no ('tfl.transpose' mismatched quantized axes:
+        annotate rewrites a per-channel Dense as a 1x1 Conv2D instead); transposed-conv
+        kernels have an input-channel last axis: per tensor.
       bn_fold: how a BatchNormalization right after it folds into its kernel (None: it
         does not fold; the BN becomes a ``ChannelAffine``).
       kernel_index: the folded kernel's index in ``get_weights()`` (the bias follows it).
@@ -70,7 +71,7 @@ WEIGHTED: dict[type, WeightedKind] = {
     L.Conv2D: WeightedKind(("kernel",), True, BnFold.LAST_AXIS, kernel_rounding=True,
                            adaround=True),
     L.Conv1D: WeightedKind(("kernel",), True, BnFold.LAST_AXIS, adaround=True),
-    L.DepthwiseConv2D: WeightedKind(("depthwise_kernel",), False, BnFold.DEPTHWISE,
+    L.DepthwiseConv2D: WeightedKind(("depthwise_kernel",), True, BnFold.DEPTHWISE,
                                     kernel_rounding=True, adaround=True),
     L.SeparableConv2D: WeightedKind(("depthwise_kernel", "pointwise_kernel"), False,
                                     BnFold.LAST_AXIS, kernel_index=1),
@@ -99,12 +100,13 @@ OUTPUT_ONLY = (
     L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum, L.Concatenate,
     L.AveragePooling1D, L.AveragePooling2D, L.GlobalAveragePooling1D,
     L.GlobalAveragePooling2D, L.ReLU, L.LeakyReLU, L.Softmax, L.Activation,
-    L.LayerNormalization, ScalarOp, L.UpSampling2D,
+    L.LayerNormalization, ScalarOp, ChannelOp, L.UpSampling2D,
 )
 
-# Layers whose TFLite op (CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, ADD) fuses a
-# following ReLU/ReLU6: no range is needed between the op and it. Not TRANSPOSE_CONV.
-FUSING_LAYERS = (L.Conv2D, L.DepthwiseConv2D, L.Dense, L.Add)
+# Layers whose TFLite op (CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, ADD, MUL by a
+# constant) fuses a following ReLU/ReLU6: no range is needed between the op and it. Not
+# TRANSPOSE_CONV.
+FUSING_LAYERS = (L.Conv2D, L.DepthwiseConv2D, L.Dense, L.Add, ScalarOp, ChannelOp)
 
 
 def weighted(layer) -> WeightedKind | None:

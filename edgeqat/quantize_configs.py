@@ -20,7 +20,7 @@ import functools
 from edgeqat import quantizers as q
 from edgeqat.config import ACTIVATION_QUANTIZERS, WEIGHT_QUANTIZERS
 from edgeqat.keras import keras, tfmot
-from edgeqat.layer_kinds import OUTPUT_ONLY, PASSTHROUGH, weighted
+from edgeqat.layer_kinds import OUTPUT_ONLY, PASSTHROUGH, BnFold, weighted
 from edgeqat.layers import ScalarOp
 
 L = keras.layers
@@ -184,17 +184,20 @@ class LayerQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
                 f"{self.output_quantizer!r})")
 
 
-def weight_quantizer(kind: str, bits: int, per_channel_ok: bool, lsq_init: str = "mse"):
+def weight_quantizer(kind: str, bits: int, per_channel_ok: bool, lsq_init: str = "mse",
+                     depthwise: bool = False):
     """A weight quantizer of ``kind`` (a policy name, ``config.WEIGHT_QUANTIZERS``); per
-    channel only where the layer converts that way."""
+    channel only where the layer converts that way (``depthwise``: the kernel's channels
+    are its last two axes)."""
     if kind not in WEIGHT_QUANTIZERS:
         raise ValueError(f"weight quantizer {kind!r} is not one of "
                          f"{', '.join(WEIGHT_QUANTIZERS)}")
     if kind == "lsq":
-        return q.LsqQuantizer(bits, per_channel=per_channel_ok, signed=True, narrow_range=True,
-                              init=lsq_init)
+        # LSQ learns its steps on the last axis; a depthwise kernel's is the multiplier.
+        return q.LsqQuantizer(bits, per_channel=per_channel_ok and not depthwise, signed=True,
+                              narrow_range=True, init=lsq_init)
     return q.PerChannelWeightQuantizer(bits, per_channel=kind == "per_channel" and
-                                       per_channel_ok)
+                                       per_channel_ok, depthwise=depthwise)
 
 
 def activation_quantizer(kind: str, bits: int, layer=None):
@@ -246,9 +249,9 @@ def make_quantize_config(layer, *, weight_kind: str = "per_channel", weight_bits
         out = None  # GATHER keeps the table's scale
     if kind == "weights":
         row = weighted(layer)
-        return LayerQuantizeConfig(row.weights, weight_quantizer(weight_kind, weight_bits,
-                                                                 row.per_channel, lsq_init),
-                                   out)
+        return LayerQuantizeConfig(row.weights, weight_quantizer(
+            weight_kind, weight_bits, row.per_channel, lsq_init,
+            depthwise=row.bn_fold == BnFold.DEPTHWISE), out)
     return LayerQuantizeConfig((), None, out)
 
 

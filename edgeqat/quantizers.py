@@ -185,32 +185,51 @@ class PerChannelWeightQuantizer(Quantizer):
     converter folds it to a constant and a model never disagrees with its stored range.
     """
 
-    def __init__(self, num_bits: int = 8, per_channel: bool = True):
+    def __init__(self, num_bits: int = 8, per_channel: bool = True, depthwise: bool = False):
         check_bits(num_bits)
         self.num_bits = int(num_bits)
         self.per_channel = bool(per_channel)
+        self.depthwise = bool(depthwise)
 
     def build(self, tensor_shape, name, layer):
         return {}
 
+    def _channels_last(self, shape):
+        """A depthwise kernel (h, w, in, multiplier) has in * multiplier output channels,
+        the last axis of TFLite's (1, h, w, in * multiplier) layout: the same memory order
+        as (h, w, 1, in * multiplier)."""
+        if self.depthwise and len(shape) == 4:
+            return (shape[0], shape[1], 1, shape[2] * shape[3])
+        return None
+
     def __call__(self, inputs, training, weights, **kwargs):
+        x = inputs
+        flat = self._channels_last(inputs.shape) if self.per_channel else None
+        if flat is not None:
+            x = tf.reshape(inputs, flat)
         if self.per_channel:
-            axes = list(range(inputs.shape.rank - 1))
-            m = tf.reduce_max(tf.abs(inputs), axis=axes)
+            axes = list(range(x.shape.rank - 1))
+            m = tf.reduce_max(tf.abs(x), axis=axes)
         else:
-            m = tf.reduce_max(tf.abs(inputs))
+            m = tf.reduce_max(tf.abs(x))
         m = tf.maximum(tf.stop_gradient(m), _EPS)
-        return fake_quant(inputs, -m, m, self.num_bits, narrow_range=True,
-                          per_channel=self.per_channel)
+        y = fake_quant(x, -m, m, self.num_bits, narrow_range=True,
+                       per_channel=self.per_channel)
+        return tf.reshape(y, inputs.shape) if flat is not None else y
 
     def scale(self, weights, tensor):
         """The step TFLite stores for ``tensor`` (per channel or scalar): max|w| / Qp."""
-        axes = tuple(range(tensor.shape.rank - 1)) if self.per_channel else None
-        m = np.maximum(np.max(np.abs(np.asarray(tensor)), axis=axes), _EPS)
+        t = np.asarray(tensor)
+        flat = self._channels_last(t.shape) if self.per_channel else None
+        if flat is not None:
+            t = t.reshape(flat)
+        axes = tuple(range(t.ndim - 1)) if self.per_channel else None
+        m = np.maximum(np.max(np.abs(t), axis=axes), _EPS)
         return m / (2 ** (self.num_bits - 1) - 1)
 
     def get_config(self):
-        return {"num_bits": self.num_bits, "per_channel": self.per_channel}
+        return {"num_bits": self.num_bits, "per_channel": self.per_channel,
+                "depthwise": self.depthwise}
 
 
 # ---------------------------------------------------------------------------- fixed range

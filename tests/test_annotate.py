@@ -144,3 +144,97 @@ def test_conv1d_then_relu_becomes_one_fused_conv():
     ops = [op.name for op in inspect.list_ops(convert.to_tflite(
         export.prepare_for_export(qat), "int8", qat=True, calibration=x[:8]))]
     assert ops.count("CONV_2D") == 4 and "RELU" not in ops
+
+
+def _steps(qat, flat, x) -> np.ndarray:
+    """|TFLite - Keras QAT| in output quantization steps, per sample."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=flat)
+    interp.allocate_tensors()
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    (s_in, z_in), (s_out, z_out) = inp["quantization"], out["quantization"]
+    ref = np.round(qat.predict(x, verbose=0) / s_out + z_out)
+    steps = []
+    for i in range(len(x)):
+        interp.set_tensor(inp["index"], np.clip(np.round(x[i:i + 1] / s_in + z_in), -128,
+                                                127).astype(np.int8))
+        interp.invoke()
+        steps.append(np.abs(interp.get_tensor(out["index"]).astype(np.int32) - ref[i]).max())
+    return np.asarray(steps)
+
+
+def _affine_model() -> keras.Model:
+    """EfficientNet's stem (Rescaling, per-channel Normalization, padding, strided conv)
+    and a DenseNet-style lone BN after a concatenation."""
+    inp = keras.Input((32, 32, 3))
+    x = L.Rescaling(1 / 255.0)(inp)
+    x = L.Normalization(mean=[0.485, 0.456, 0.406], variance=[0.229**2, 0.224**2, 0.225**2])(x)
+    x = L.Normalization(mean=0.0, variance=1.0)(x)  # an identity: dropped
+    x = L.ZeroPadding2D(1)(x)
+    x = L.Conv2D(8, 3, strides=2, use_bias=False)(x)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU()(x)
+    x = L.BatchNormalization()(L.Concatenate()([x, x]))
+    x = L.ReLU()(x)
+    x = L.GlobalAveragePooling2D()(L.Conv2D(8, 1)(x))
+    model = keras.Model(inp, L.Dense(4)(x))
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            _trained_bn(layer, layer.weights[0].shape[0])
+    return model
+
+
+@pytest.mark.slow
+def test_affine_preprocessing_costs_one_elementwise_mul_and_add():
+    """Rescaling then Normalization compose into one MUL and one ADD on the input (was one
+    1x1 DEPTHWISE_CONV_2D each: 224-256 us at 224x224x3 against ~12 us); a lone BN is a
+    MUL and an ADD with the ReLU fused; the Keras model computes what TFLite computes."""
+    from edgeqat import convert, inspect
+
+    model = _affine_model()
+    x = RNG.uniform(0, 255, (16, 32, 32, 3)).astype(np.float32)
+    flat_model, origin = annotate.flatten(model)
+    canon, _ = annotate.canonicalize(flat_model, origin, lambda name: True)
+    np.testing.assert_allclose(canon(x), model(x), atol=1e-4)
+    qat = export.prepare_for_export(annotate.annotate_model(model, policy.uniform(),
+                                                            sample_x=x))
+    flat = convert.to_tflite(qat, "int8", calibration=x, qat=True)
+    ops = [op.name for op in inspect.require_full_integer(flat)]
+    assert ops[:3] == ["MUL", "ADD", "PAD"], ops
+    assert ops.count("MUL") == 2 and ops.count("ADD") == 2
+    assert "DEPTHWISE_CONV_2D" not in ops and "RELU" not in ops
+    assert _steps(qat, flat, x).max() <= 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights", ["per_channel", "per_tensor"])
+def test_depthwise_weights_per_channel_by_default(weights):
+    """Depthwise kernels get one scale per output channel (in x multiplier), as TFLite
+    stores them, unless the policy asks for per tensor; Keras and TFLite agree exactly."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgeqat import convert
+
+    inp = keras.Input((12, 12, 6))
+    x = L.DepthwiseConv2D(3, padding="same", depth_multiplier=2)(inp)
+    x = L.GlobalAveragePooling2D()(L.ReLU()(x))
+    model = keras.Model(inp, L.Dense(4)(x))
+    dw = model.layers[1]
+    k = dw.get_weights()
+    dw.set_weights([k[0] * RNG.uniform(0.01, 3, (1, 1, 6, 2)), k[1]])  # channels differ
+    x = RNG.normal(size=(16, 12, 12, 6)).astype(np.float32)
+    qat = export.prepare_for_export(annotate.annotate_model(
+        model, policy.uniform(weight_quantizer=weights), sample_x=x))
+    flat = convert.to_tflite(qat, "int8", calibration=x, qat=True)
+    interp = Interpreter(model_content=flat)
+    dw_op = next(op for op in interp._get_ops_details() if op["op_name"] == "DEPTHWISE_CONV_2D")
+    scales = interp._get_tensor_details(dw_op["inputs"][1], 0)["quantization_parameters"][
+        "scales"]
+    wrapper = next(w for w in qat.layers if isinstance(getattr(w, "layer", None),
+                                                       L.DepthwiseConv2D))
+    kernel, quantizer, qvars = wrapper._weight_vars[0]
+    np.testing.assert_allclose(scales, np.reshape(quantizer.scale(qvars, kernel), -1),
+                               rtol=1e-6)
+    assert len(scales) == (12 if weights == "per_channel" else 1)
+    assert _steps(qat, flat, x).max() <= 1
