@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgeqat import annotate, convert, export, inspect, latency, policy, report  # noqa: E402
+from edgeqat import annotate, convert, export, inspect, latency, policy, report, train  # noqa: E402
 from edgeqat.keras import keras, tf, tfmot  # noqa: E402
 
 APPS = keras.applications
@@ -61,19 +61,6 @@ def calibration(size: int, pixels: bool, n: int, seed: int) -> np.ndarray:
     x = tf.image.resize(low, (size, size)).numpy()
     x = np.clip(x + 0.1 * rng.standard_normal(x.shape).astype(np.float32), -1, 1)
     return (x + 1) * 127.5 if pixels else x
-
-
-def reestimate_batchnorm(model: keras.Model, x: np.ndarray) -> None:
-    """Sets every BatchNormalization's moving statistics to those of ``x`` (one pass in
-    training mode with momentum 0), layer after layer as inference will see them."""
-    bns = [layer for layer in model.submodules
-           if isinstance(layer, keras.layers.BatchNormalization)]
-    saved = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.momentum = 0.0
-    model(x, training=True)
-    for bn, m in zip(bns, saved, strict=True):
-        bn.momentum = m
 
 
 def one_step(model: keras.Model, x: np.ndarray) -> float:
@@ -117,7 +104,7 @@ def build(name: str, n_calib: int) -> tuple[dict, dict, keras.Model | None]:
     keras.utils.set_random_seed(0)
     model = builder()
     x = calibration(size, pixels, n_calib, seed=0)
-    reestimate_batchnorm(model, x)
+    train.reestimate_batchnorm(model, x)
     flats, notes, seconds = {}, {}, {}
     t = time.perf_counter()
     flats["float"] = convert.to_tflite(model, "float")

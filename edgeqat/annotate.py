@@ -239,9 +239,24 @@ def _bn_last_axis(bn) -> bool:
     return len(axis) == 1 and axis[0] in (-1, rank - 1)
 
 
+def _is_layer_scale(layer) -> bool:
+    """ConvNeXt's ``LayerScale`` (x * gamma per channel; keras.applications.convnext)."""
+    return type(layer).__name__ == "LayerScale" and hasattr(layer, "gamma") \
+        and len(layer.get_weights()) == 1
+
+
+def _scale_factors(layer):
+    """(scale, shift) of a BatchNormalization's or LayerScale's per-channel affine map."""
+    if _is_layer_scale(layer):
+        gamma = layer.get_weights()[0].astype(np.float32)
+        return gamma, np.zeros_like(gamma)
+    return _bn_factors(layer)
+
+
 def _fold_weights(layer, bn):
-    """The layer's weights with ``bn`` folded in (kernel scaled per output channel)."""
-    scale, shift = _bn_factors(bn)
+    """The layer's weights with ``bn`` (a BatchNormalization or LayerScale) folded in
+    (kernel scaled per output channel)."""
+    scale, shift = _scale_factors(bn)
     weights = layer.get_weights()
     row = layer_kinds.weighted(layer)
     kernel_index = row.kernel_index
@@ -277,14 +292,17 @@ class _Canon:
         return new_layer
 
     def fold_target(self, layer, node):
-        """The BatchNormalization that folds into ``layer`` (its lone consumer), if any."""
+        """The BatchNormalization or LayerScale that folds into ``layer`` (its lone
+        consumer), if any."""
         row = layer_kinds.weighted(layer)
         if row is None or row.bn_fold is None or qc.activation_name(layer) != "linear":
             return None
         outs = tf.nest.flatten(node.outputs)
         users = self.consumers.get(id(outs[0]), [])
-        if len(outs) == 1 and len(users) == 1 and isinstance(users[0], L.BatchNormalization) \
-                and _bn_last_axis(users[0]) and len(users[0]._inbound_nodes) == 1:
+        if len(outs) == 1 and len(users) == 1 and users[0] is not None \
+                and len(users[0]._inbound_nodes) == 1 and (
+                (isinstance(users[0], L.BatchNormalization) and _bn_last_axis(users[0]))
+                or _is_layer_scale(users[0])):
             return users[0]
         return None
 
@@ -387,19 +405,22 @@ def _per_channel_dense(c: _Canon, n: _Node):
     Dense does not convert)."""
     layer, x, name = n.layer, n.x, n.name
     if not (isinstance(layer, L.Dense) and c.wants_per_channel(name)
-            and x.shape.rank in (2, 3)):
+            and x.shape.rank in (2, 3, 4)):
         return None
     names, derive = c.names, c.derive
     units, depth = layer.units, x.shape[-1]
-    shape_in = (1, 1, depth) if x.shape.rank == 2 else (1, -1, depth)
-    shape_out = (units,) if x.shape.rank == 2 else (-1, units)
-    h = derive(L.Reshape(shape_in, name=names(name + "_to4d")), name)(x)
+    h = x
+    if x.shape.rank < 4:  # a Dense on (batch, h, w, c) already is a 1x1 convolution
+        shape_in = (1, 1, depth) if x.shape.rank == 2 else (1, -1, depth)
+        h = derive(L.Reshape(shape_in, name=names(name + "_to4d")), name)(x)
     conv = derive(L.Conv2D(units, 1, use_bias=layer.use_bias or n.bn is not None,
                            activation=n.act if n.fusable else None,
                            name=names(name)), name)
     h = conv(h)
     conv.set_weights([n.weights[0][None, None]] + n.weights[1:])
-    h = derive(L.Reshape(shape_out, name=names(name + "_to2d")), name)(h)
+    if x.shape.rank < 4:
+        shape_out = (units,) if x.shape.rank == 2 else (-1, units)
+        h = derive(L.Reshape(shape_out, name=names(name + "_to2d")), name)(h)
     return h if n.fusable else c.activation_after(h, n.act, name, name)
 
 
@@ -456,6 +477,21 @@ def _batchnorm_as_affine(c: _Canon, n: _Node):
     return _affine(c, n, scale, shift)
 
 
+def _layer_scale_as_affine(c: _Canon, n: _Node):
+    """A LayerScale that folded into nothing, as a per-channel MUL."""
+    if not _is_layer_scale(n.layer):
+        return None
+    return _affine(c, n, *_scale_factors(n.layer))
+
+
+def _drop_identity(c: _Canon, n: _Node):
+    """``Activation('linear')`` (ConvNeXt's stochastic depth at rate 0) computes nothing:
+    dropped, so no second range sits on its input's tensor."""
+    if not (isinstance(n.layer, L.Activation) and n.act == "linear") or n.x is None:
+        return None
+    return n.x
+
+
 def _swish_split(c: _Canon, n: _Node):
     if not (isinstance(n.layer, L.Activation) and n.act == "swish"):
         return None
@@ -469,7 +505,8 @@ def _relu6_as_relu_layer(c: _Canon, n: _Node):
 
 
 REWRITES = (_conv1d_as_conv2d, _split_separable2d, _per_channel_dense, _rescaling_as_affine,
-            _normalization_as_affine, _batchnorm_as_affine, _swish_split, _relu6_as_relu_layer)
+            _normalization_as_affine, _batchnorm_as_affine, _layer_scale_as_affine,
+            _drop_identity, _swish_split, _relu6_as_relu_layer)
 
 
 def _keep(c: _Canon, n: _Node):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeqat import requant
-from edgeqat.graph import input_scale, wrapper_classes
+from edgeqat.graph import input_quantizers, input_scale, wrapper_classes
 from edgeqat.keras import keras
 from edgeqat.modes import Mode
 from edgeqat.quantizers import Quantizer
@@ -34,9 +34,66 @@ def prepare_for_export(qat_model: keras.Model, mode: str = Mode.INT8,
 
     The flatbuffer is the same either way.
     """
+    share_concat_ranges(qat_model)
     snap_biases(qat_model)
     requant.install(qat_model, mode, arch)
     return qat_model
+
+
+def share_concat_ranges(qat_model: keras.Model) -> int:
+    """Gives a concatenation's output and every input one range (the union of theirs).
+
+    TFLite's int8 CONCATENATION needs its inputs on its output's scale; the converter
+    inserts a requantizing QUANTIZE op before each input whose range differs (DenseNet's
+    dense blocks, Inception's mixed blocks). Ranges linked through concatenations (the
+    input of one is the output of another, as in DenseNet) form one group. Only observed
+    ranges (``observes_range``: min/max trackers) are widened; a group holding a learned
+    or fixed range is left as it is. Changes ``qat_model`` in place.
+
+    Returns:
+      How many ranges were changed.
+    """
+    wrapper_cls, _ = wrapper_classes()
+    parent: dict[int, int] = {}
+    members: dict[int, tuple] = {}
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def add(owner):
+        key = id(owner[1])
+        parent.setdefault(key, key)
+        members[key] = owner
+        return key
+
+    for layer in qat_model.layers:
+        if not (isinstance(layer, wrapper_cls) and isinstance(layer.layer,
+                                                              keras.layers.Concatenate)):
+            continue
+        if not getattr(layer, "_output_quantizers", None):
+            continue
+        out = add((layer._output_quantizers[0], layer._output_quantizer_vars))
+        for owner in input_quantizers(layer, qat_model):
+            if owner is not None:
+                parent[find(add(owner))] = find(out)
+    groups: dict[int, list] = {}
+    for key in members:
+        groups.setdefault(find(key), []).append(members[key])
+    changed = 0
+    for group in groups.values():
+        if len(group) < 2 or not all(q.observes_range and {"min", "max"} <= set(v)
+                                     for q, v in group):
+            continue
+        lo = min(float(v["min"].numpy()) for _, v in group)
+        hi = max(float(v["max"].numpy()) for _, v in group)
+        for _, v in group:
+            changed += int(float(v["min"].numpy()) != lo or float(v["max"].numpy()) != hi)
+            v["min"].assign(lo)
+            v["max"].assign(hi)
+    return changed
 
 
 def snap_biases(qat_model: keras.Model) -> float:

@@ -51,27 +51,42 @@ def has_quantizers(model) -> bool:
     return any(isinstance(layer, wrapper_classes()) for layer in model.layers)
 
 
-def input_scale(layer, model):
-    """The step of the quantizer that produced ``layer``'s (first) input in ``model``, or
-    None.
+def input_quantizers(layer, model) -> list:
+    """For each input of ``layer``'s call in ``model``: the (quantizer, its variables) that
+    set that input's range, or None.
 
     Walks back through unwrapped pass-through layers (pooling, reshape), which keep
     their input's scale in TFLite.
     """
     wrapper_cls, quantize_layer_cls = wrapper_classes()
     node = node_in(model, layer)
-    while node is not None:
-        producers = tf.nest.flatten(node.inbound_layers)
-        if len(producers) != 1:
-            return None
-        prod = producers[0]
-        if isinstance(prod, quantize_layer_cls):
-            return prod.quantizer.scale(prod.quantizer_vars)
-        if isinstance(prod, wrapper_cls):
-            if not getattr(prod, "_output_quantizers", None):
-                return None
-            return prod._output_quantizers[0].scale(prod._output_quantizer_vars)
-        if isinstance(prod, keras.layers.InputLayer):
-            return None
-        node = node_in(model, prod)
-    return None
+    if node is None:
+        return []
+    found = []
+    for prod in tf.nest.flatten(node.inbound_layers):
+        owner = None
+        while prod is not None:
+            if isinstance(prod, quantize_layer_cls):
+                owner = (prod.quantizer, prod.quantizer_vars)
+                break
+            if isinstance(prod, wrapper_cls):
+                if getattr(prod, "_output_quantizers", None):
+                    owner = (prod._output_quantizers[0], prod._output_quantizer_vars)
+                break
+            if isinstance(prod, keras.layers.InputLayer):
+                break
+            up = node_in(model, prod)
+            producers = tf.nest.flatten(up.inbound_layers) if up is not None else []
+            prod = producers[0] if len(producers) == 1 else None
+        found.append(owner)
+    return found
+
+
+def input_scale(layer, model):
+    """The step of the quantizer that produced ``layer``'s (first) input in ``model``, or
+    None (see ``input_quantizers``)."""
+    owners = input_quantizers(layer, model)
+    if len(owners) != 1 or owners[0] is None:
+        return None
+    quantizer, qvars = owners[0]
+    return quantizer.scale(qvars)

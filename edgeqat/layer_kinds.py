@@ -88,8 +88,12 @@ WEIGHTED: dict[type, WeightedKind] = {
     ChannelAffine: WeightedKind(("kernel",), False),
 }
 
+# AVERAGE_POOL_2D's int8 kernel requires its output scale to equal its input's (the
+# converter refuses a separately trained range: DenseNet's transitions): pass-through, so
+# the output keeps the input's grid.
 PASSTHROUGH = (
     L.InputLayer, L.Reshape, L.Flatten, L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D,
+    L.AveragePooling1D, L.AveragePooling2D,
     L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.Dropout, L.SpatialDropout1D,
     L.SpatialDropout2D, L.GaussianNoise, L.GaussianDropout, L.AlphaDropout,
     L.ZeroPadding1D, L.ZeroPadding2D, L.Cropping1D, L.Cropping2D, L.Permute,
@@ -98,7 +102,7 @@ PASSTHROUGH = (
 
 OUTPUT_ONLY = (
     L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum, L.Concatenate,
-    L.AveragePooling1D, L.AveragePooling2D, L.GlobalAveragePooling1D,
+    L.GlobalAveragePooling1D,
     L.GlobalAveragePooling2D, L.ReLU, L.LeakyReLU, L.Softmax, L.Activation,
     L.LayerNormalization, ScalarOp, ChannelOp, L.UpSampling2D,
 )

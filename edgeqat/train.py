@@ -54,3 +54,24 @@ def train_float(model: keras.Model, data: Dataset, cfg: ModelConfig) -> TrainedM
                   verbose=verbosity())
     return TrainedModel(model, accuracy(model, data.x_test, data.y_test), cfg.epochs,
                         time.perf_counter() - start)
+
+
+def reestimate_batchnorm(model: keras.Model, x: np.ndarray) -> None:
+    """Sets every BatchNormalization's moving statistics to those of ``x``, each layer
+    seeing what inference will feed it (one pass in training mode, momentum 0).
+
+    For models with random or transplanted weights: untouched statistics (mean 0,
+    variance 1) shrink deep activations towards ~1e-9, which changes which kernels
+    XNNPACK takes and makes latency and agreement figures meaningless. Changes ``model``
+    in place; its weights are not trained.
+    """
+    bns = [layer for layer in model.submodules
+           if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.momentum = 0.0
+    try:
+        model(x, training=True)
+    finally:
+        for bn, m in zip(bns, saved, strict=True):
+            bn.momentum = m

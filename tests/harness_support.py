@@ -279,3 +279,27 @@ def emulated_runtime_site(runtime: str) -> Path:
         return qemu.setup_runtime(sysroot, runtime, log=lambda line: None)
     except qemu.QemuError as e:
         skip_or_fail(f"cannot set up {runtime} for the emulated Raspberry Pi: {e}")
+
+
+def output_steps(keras_model, flat: bytes, x) -> tuple:
+    """Per sample of ``x``: |TFLite - Keras| in the output's quantization steps (max over
+    the output), and whether the two top-1 classes agree; int8 input and output as the
+    flatbuffer declares them."""
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=flat)
+    interp.allocate_tensors()
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    (s_in, z_in), (s_out, z_out) = inp["quantization"], out["quantization"]
+    keras_out = keras_model.predict(x, batch_size=8, verbose=0)
+    ref = np.round(keras_out / s_out + z_out)
+    steps, same = [], []
+    for i in range(len(x)):
+        interp.set_tensor(inp["index"], np.clip(np.round(x[i:i + 1] / s_in + z_in), -128,
+                                                127).astype(np.int8))
+        interp.invoke()
+        got = interp.get_tensor(out["index"]).astype(np.int32)
+        steps.append(np.abs(got - ref[i]).max())
+        same.append(int(got.argmax()) == int(keras_out[i].argmax()))
+    return np.asarray(steps), np.asarray(same)

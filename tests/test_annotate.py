@@ -6,6 +6,7 @@ import pytest
 from edgeqat import annotate, export, policy
 from edgeqat.errors import UserError
 from edgeqat.keras import keras, tf
+from tests.harness_support import output_steps
 
 L = keras.layers
 RNG = np.random.default_rng(0)
@@ -146,24 +147,6 @@ def test_conv1d_then_relu_becomes_one_fused_conv():
     assert ops.count("CONV_2D") == 4 and "RELU" not in ops
 
 
-def _steps(qat, flat, x) -> np.ndarray:
-    """|TFLite - Keras QAT| in output quantization steps, per sample."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_content=flat)
-    interp.allocate_tensors()
-    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    (s_in, z_in), (s_out, z_out) = inp["quantization"], out["quantization"]
-    ref = np.round(qat.predict(x, verbose=0) / s_out + z_out)
-    steps = []
-    for i in range(len(x)):
-        interp.set_tensor(inp["index"], np.clip(np.round(x[i:i + 1] / s_in + z_in), -128,
-                                                127).astype(np.int8))
-        interp.invoke()
-        steps.append(np.abs(interp.get_tensor(out["index"]).astype(np.int32) - ref[i]).max())
-    return np.asarray(steps)
-
-
 def _affine_model() -> keras.Model:
     """EfficientNet's stem (Rescaling, per-channel Normalization, padding, strided conv)
     and a DenseNet-style lone BN after a concatenation."""
@@ -204,7 +187,7 @@ def test_affine_preprocessing_costs_one_elementwise_mul_and_add():
     assert ops[:3] == ["MUL", "ADD", "PAD"], ops
     assert ops.count("MUL") == 2 and ops.count("ADD") == 2
     assert "DEPTHWISE_CONV_2D" not in ops and "RELU" not in ops
-    assert _steps(qat, flat, x).max() <= 2
+    assert output_steps(qat, flat, x)[0].max() <= 2
 
 
 @pytest.mark.slow
@@ -237,4 +220,4 @@ def test_depthwise_weights_per_channel_by_default(weights):
     np.testing.assert_allclose(scales, np.reshape(quantizer.scale(qvars, kernel), -1),
                                rtol=1e-6)
     assert len(scales) == (12 if weights == "per_channel" else 1)
-    assert _steps(qat, flat, x).max() <= 1
+    assert output_steps(qat, flat, x)[0].max() <= 1

@@ -10,8 +10,9 @@ MultiHeadAttention) that carry no FakeQuant.
 import numpy as np
 import pytest
 
-from edgeqat import annotate, convert, export, inspect, models, policy
+from edgeqat import annotate, convert, export, inspect, models, policy, train
 from edgeqat.keras import keras
+from tests.harness_support import output_steps
 
 L = keras.layers
 RNG = np.random.default_rng(0)
@@ -30,16 +31,26 @@ def transformer_block():
 
 
 APPS = keras.applications
+# Every architecture benchmarks/applications.py measures, at small input sizes.
 MODELS = {
     "MobileNetV2": lambda: APPS.MobileNetV2((32, 32, 3), alpha=0.35, weights=None, classes=10),
     "MobileNetV3Small": lambda: APPS.MobileNetV3Small((32, 32, 3), alpha=0.75, weights=None,
                                                       classes=10),
+    "MobileNetV3Large": lambda: APPS.MobileNetV3Large((32, 32, 3), alpha=0.75, weights=None,
+                                                      classes=10),
     "EfficientNetB0": lambda: APPS.EfficientNetB0(weights=None, input_shape=(32, 32, 3),
                                                   classes=10),
+    "EfficientNetV2B0": lambda: APPS.EfficientNetV2B0(weights=None, input_shape=(32, 32, 3),
+                                                      classes=10),
     "ResNet50": lambda: APPS.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10),
+    "DenseNet121": lambda: APPS.DenseNet121(weights=None, input_shape=(32, 32, 3),
+                                            classes=10),
+    "ConvNeXtTiny": lambda: APPS.ConvNeXtTiny(weights=None, input_shape=(32, 32, 3),
+                                              classes=10),
     "Conv1D": lambda: models.mnist1d_cnn((40, 1), 10),
     "Transformer": transformer_block,
 }
+IMAGE_MODELS = [n for n in MODELS if n not in ("Conv1D", "Transformer")]
 
 
 def inputs_for(model, n):
@@ -49,17 +60,24 @@ def inputs_for(model, n):
     return RNG.uniform(0, 1, shape).astype(np.float32) * (255 if shape[-1] == 3 else 1)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(MODELS))
-def test_annotate_train_convert_full_integer(name):
+def _convert(name):
     model = MODELS[name]()
     x = inputs_for(model, 8)
+    if name in IMAGE_MODELS:
+        train.reestimate_batchnorm(model, x)  # random weights: realistic activations
     qat = annotate.annotate_model(model, policy.uniform(), sample_x=x)
     qat.compile(keras.optimizers.SGD(1e-3),
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     assert np.isfinite(qat.train_on_batch(x, RNG.integers(0, 4, 8)))
-    flat = convert.to_tflite(export.prepare_for_export(qat), "int8",
-                             calibration=inputs_for(model, 4), qat=False)
+    qat = export.prepare_for_export(qat)
+    flat = convert.to_tflite(qat, "int8", calibration=inputs_for(model, 4), qat=True)
+    return model, qat, flat
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+def test_annotate_train_convert_full_integer(name):
+    model, qat, flat = _convert(name)
     ops = inspect.require_full_integer(flat, name)  # raises naming any float op
     assert ops
     from ai_edge_litert.interpreter import Interpreter
@@ -69,6 +87,13 @@ def test_annotate_train_convert_full_integer(name):
     assert out["dtype"] == np.int8
     inp = interp.get_input_details()[0]
     assert inp["dtype"] == (np.int32 if name == "Transformer" else np.int8)
+    if name in IMAGE_MODELS:
+        # No requantizing op anywhere: concatenations share one range, average pooling
+        # keeps its input's, preprocessing is folded into elementwise ops.
+        names = [op.name for op in ops]
+        assert "QUANTIZE" not in names and "DEQUANTIZE" not in names, names
+        steps, same = output_steps(qat, flat, inputs_for(model, 16))
+        assert steps.max() <= 2 and same.all(), (steps, same)
 
 
 @pytest.mark.slow
