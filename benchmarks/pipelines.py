@@ -82,6 +82,8 @@ def main(argv):
         })
         if not emulated:  # what ships (row.qat_name) against float and PTQ, on this host
             rows[-1]["speed"] = speed_ratios(result.tflites, row)
+        if r["device_vs_host"]:  # a remote or emulated device: its outputs against ours
+            rows[-1]["device_vs_host"] = r["device_vs_host"]
     speed_heads = [] if emulated else [f"{text}, {n} thread{'s' if n > 1 else ''}"
                                         for _, text in SPEED_COLUMNS for n in THREADS]
     lines = [
