@@ -15,7 +15,8 @@ and evaluated by ai-edge-litert on the same 1,000 MNIST-1D test signals:
 * PTQ w4, first/last 8-bit: the same, with the first conv and the logits at 8 bits;
 * LSQ w4: QAT with LSQ (learned step) weight quantizers at 4 bits on every layer and
   8-bit activation quantizers (``--act``: moving-average by default; LSQ activations,
-  15 epochs at lr 1e-3, measured worse: 0.848 all layers, 0.865 first/last 8-bit),
+  15 epochs at lr 1e-3, measured worse on the earlier 25-channel MNIST-1D CNN: 0.848
+  all layers, 0.865 first/last 8-bit; not remeasured on the 64-channel one),
   fine-tuned with ``edgeqat.qat.fine_tune`` (warm-up + cosine, no quant delay, no
   observer freeze);
 * LSQ w4, first/last 8-bit: the same with ``policy.mixed_precision``;

@@ -3,8 +3,11 @@
     python benchmarks/pipelines.py [--pipelines NAME,...]  (default: all four in pipelines/)
 
 Writes benchmarks/results/pipelines.md and .json: float / PTQ / QAT accuracy on the same
-evaluation set, sizes, Keras-vs-TFLite agreement, and int8/float latency as a ratio
-measured in the same run (absolute milliseconds depend on the machine).
+evaluation set, sizes, Keras-vs-TFLite agreement, and speed ratios. After each run the
+float, PTQ and QAT flatbuffers it made (the files the CLI writes as <name>.tflite) are
+timed side by side on this machine with ``edgeqat.latency.interleaved`` at 1 and 2
+threads; a ratio is the median of per-round ratios, with their range (absolute
+microseconds depend on the machine). On an emulated device no speed is reported.
 """
 
 from __future__ import annotations
@@ -18,16 +21,39 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgeqat import modes, report  # noqa: E402
+from edgeqat import latency, modes, report  # noqa: E402
 from edgeqat.pipeline import resolve_configs, run  # noqa: E402
 
 flags.DEFINE_list("pipelines", ["digits_dscnn", "mnist1d_cnn", "digits_dscnn_int16x8",
                                 "mnist1d_lsq_int4"],
                   "Pipelines to run.")
 flags.DEFINE_string("device", "local_cpu", "Device profile.")
+flags.DEFINE_integer("rounds", 15, "Interleaved timing rounds per thread count.")
+flags.DEFINE_integer("runs", 200, "Invokes per model per round.")
 flags.DEFINE_string("out", str(Path(__file__).parent / "results" / "pipelines"),
                     "Output path without extension.")
 FLAGS = flags.FLAGS
+THREADS = (1, 2)
+SPEED_COLUMNS = (("qat_over_float", "QAT/float speed"), ("qat_over_ptq", "QAT/PTQ speed"))
+
+
+def speed_ratios(tflites: dict[str, bytes], row: modes.ModeSpec) -> dict:
+    """QAT's speed relative to float and to PTQ (above 1: QAT is faster), per thread count.
+
+    Returns:
+      {"1": {"qat_over_float": {"median", "min", "max"}, "qat_over_ptq": ...}, "2": ...}.
+    """
+    t = latency.interleaved({"float": tflites[modes.FLOAT], "ptq": tflites[row.ptq_name],
+                             "qat": tflites[row.qat_name]}, threads=THREADS,
+                            rounds=FLAGS.rounds, runs=FLAGS.runs)
+    return {str(n): {"qat_over_float": latency.ratio(t["float"][n], t["qat"][n]),
+                     "qat_over_ptq": latency.ratio(t["ptq"][n], t["qat"][n]),
+                     "qat_median_us": t["qat"][n].median_us}
+            for n in THREADS}
+
+
+def _ratio_cell(r: dict) -> str:
+    return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
 
 
 def main(argv):
@@ -35,8 +61,11 @@ def main(argv):
     rows = []
     for name in FLAGS.pipelines:
         cfg, dev = resolve_configs(name, FLAGS.device)
+        emulated = dev.connection.kind == "qemu"
         start = time.perf_counter()
-        r = run(cfg, dev).report
+        result = run(cfg, dev)
+        wall_s = time.perf_counter() - start
+        r = result.report
         mode = r["pipeline"]["mode"]
         row = modes.spec(mode)
         acc, size = r["accuracy"], r["size_bytes"]
@@ -48,32 +77,43 @@ def main(argv):
             "agreement_top1": r["agreement"][row.qat_name]["top1"],
             "float_kib": size["float"] / 1024, "qat_kib": size[row.qat_name] / 1024,
             "size_ratio": size[row.qat_name] / size["float"],
-            "speedup": r["speedup_over_float"]["median"],  # of row.qat_name (what ships)
             "full_integer": r["ops"]["full_integer"],
-            "wall_s": time.perf_counter() - start,
+            "wall_s": wall_s,  # the pipeline run, without the timing below
         })
+        if not emulated:  # what ships (row.qat_name) against float and PTQ, on this host
+            rows[-1]["speed"] = speed_ratios(result.tflites, row)
+        if r["device_vs_host"]:  # a remote or emulated device: its outputs against ours
+            rows[-1]["device_vs_host"] = r["device_vs_host"]
+    speed_heads = [] if emulated else [f"{text}, {n} thread{'s' if n > 1 else ''}"
+                                        for _, text in SPEED_COLUMNS for n in THREADS]
     lines = [
         "| pipeline | data (eval n) | float | PTQ | QAT | QAT drop | Keras/TFLite top-1 "
-        "| size QAT/float | QAT speed-up | full integer | wall |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|:---:|---:|",
+        "| size QAT/float | " + "".join(f"{h} | " for h in speed_heads)
+        + "full integer | wall |",
+        "|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(speed_heads) + ":---:|---:|",
     ]
     for x in rows:
+        speed = "" if emulated else "".join(
+            f"{_ratio_cell(x['speed'][str(n)][key])} | " for key, _ in SPEED_COLUMNS
+            for n in THREADS)
         lines.append(
             f"| {x['pipeline']} ({x['mode']}) | {x['data']} ({x['eval_samples']}) | "
             f"{100 * x['float']:.2f}% | {100 * x['ptq']:.2f}% | {100 * x['qat']:.2f}% | "
             f"{x['qat_drop_points']:+.2f} pt | {100 * x['agreement_top1']:.2f}% | "
             f"{x['size_ratio']:.2f} ({x['qat_kib']:.1f}/{x['float_kib']:.1f} KiB) | "
-            f"{x['speedup']:.2f}x | {'yes' if x['full_integer'] else 'NO'} | "
-            f"{x['wall_s']:.0f} s |")
-    latency = ("Latency is a ratio from the same run. These reference models take tens of "
-               "microseconds per invoke, so the fixed per-invoke cost dominates and int8 is "
-               "not faster here; NOTES.md measured 3.6x for ResNet50 on this CPU.")
-    if dev.connection.kind == "qemu":
-        latency = ("The device is emulated: accuracy and outputs are the device's, the "
-                   "speed-up column says nothing about a real one.")
+            f"{speed}{'yes' if x['full_integer'] else 'NO'} | {x['wall_s']:.0f} s |")
+    speed_text = (
+        "Speed: the run's float, PTQ and QAT flatbuffers timed on this machine in "
+        f"{FLAGS.rounds} interleaved rounds of {FLAGS.runs} invokes each (`edgeqat.latency`, "
+        "XNNPACK, batch 1); a cell is QAT's speed relative to float or PTQ (above 1x: QAT "
+        "is faster), the median of the per-round ratios with their range. Why int8 loses "
+        "to float on these small models: `benchmarks/results/first_conv.md`.")
+    if emulated:
+        speed_text = ("The device is emulated: accuracy and outputs are the device's; speed "
+                      "under emulation says nothing about a real one, so none is reported.")
     header = (f"Measured by `benchmarks/pipelines.py` on {os.cpu_count()} CPU core(s), device "
               f"profile `{FLAGS.device}` ({dev.num_threads} thread"
-              f"{'s' if dev.num_threads > 1 else ''}). {latency}\n\n")
+              f"{'s' if dev.num_threads > 1 else ''}). {speed_text}\n\n")
     report.write_results(Path(FLAGS.out), rows, header + "\n".join(lines) + "\n", indent=2)
     print("\n".join(lines))
 

@@ -47,14 +47,22 @@ def dscnn(input_shape: tuple[int, ...], num_classes: int, width: int = 32) -> ke
     return keras.Model(inputs, outputs, name="dscnn")
 
 
-def mnist1d_cnn(input_shape: tuple[int, ...], num_classes: int, width: int = 25,
+def mnist1d_cnn(input_shape: tuple[int, ...], num_classes: int, width: int = 64,
                 ) -> keras.Model:
     """The MNIST-1D paper's small CNN (Greydanus 2020): three strided Conv1D + ReLU, linear.
+
+    The paper's layers (kernels 5, 3, 3, stride 2, ReLU, flatten, one linear layer) with
+    64 channels per convolution instead of its 25. The paper trains on all 4,000 training
+    signals; edgeqat holds 400 out for validation, and trained on the remaining 3,600 as
+    ``pipelines/mnist1d_cnn.toml`` does (Adam, lr 1e-2, cosine decay, 40 epochs) the
+    25-channel model reached 89.0-91.5% validation accuracy over 3 seeds, the 64-channel
+    one 92.8-94.8%. "same" padding gives lengths 20, 10, 5 where the paper's padding 1
+    gives 19, 10, 5.
 
     Args:
       input_shape: (length, channels), e.g. (40, 1).
       num_classes: number of output logits.
-      width: channels per convolution (25 in the paper).
+      width: channels per convolution (64 here, 25 in the paper).
     """
     x = inputs = keras.Input(input_shape, name="input")
     for i, k in enumerate((5, 3, 3)):

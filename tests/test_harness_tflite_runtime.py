@@ -4,7 +4,7 @@ on the same emulated device.
 Measured (Dec 2026) with the reference pipelines' own models: the default pipeline's
 int8 models agree in top-1 on all 359 digits with at most 2 quantization steps between
 the two runtimes' outputs (the same accuracy); the int4 pipeline's model (CONV_2D
-version 7) loads in 2.14 and runs, top-1 agreement 98.7%, at most 2 steps. The tolerance
+version 7) loads in 2.14 and runs, top-1 agreement 99.9%, at most 2 steps. The tolerance
 here is that measurement: outputs within 2 steps, identical top-1 on the int8 model.
 """
 

@@ -15,7 +15,11 @@ def test_dscnn_has_bn_relu6_and_depthwise():
 
 def test_mnist1d_cnn_is_conv1d():
     m = build_model(ModelConfig(builder="mnist1d_cnn"), (40, 1), 10)
-    assert sum(isinstance(layer, keras.layers.Conv1D) for layer in m.layers) == 3
+    convs = [layer for layer in m.layers if isinstance(layer, keras.layers.Conv1D)]
+    # The paper's layers: kernels 5, 3, 3, stride 2, ReLU, flatten, one linear layer.
+    assert [(c.kernel_size[0], c.strides[0]) for c in convs] == [(5, 2), (3, 2), (3, 2)]
+    assert [type(layer).__name__ for layer in m.layers[-2:]] == ["Flatten", "Dense"]
+    assert m.layers[-1].input_shape == (None, 5 * convs[0].filters)  # lengths 20, 10, 5
 
 
 def test_module_function_builder():
