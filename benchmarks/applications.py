@@ -23,6 +23,7 @@ Random weights say nothing about accuracy; they are what latency and size need.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections import Counter
@@ -33,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgeqat import annotate, convert, export, inspect, latency, policy, report, train  # noqa: E402
+from edgeqat import annotate, convert, export, inspect, latency, policy, report, train, validate  # noqa: E402
 from edgeqat.keras import keras, tf, tfmot  # noqa: E402
 
 APPS = keras.applications
@@ -78,34 +79,33 @@ def op_counts(flat: bytes) -> dict:
 
 
 def agreement(qat_model: keras.Model, flat: bytes, x: np.ndarray) -> dict:
-    """edgeqat's Keras QAT model vs its flatbuffer: top-1 and output steps on ``x``."""
+    """edgeqat's Keras QAT model vs its flatbuffer on ``x`` (``validate.agreement``)."""
     from ai_edge_litert.interpreter import Interpreter
 
     interp = Interpreter(model_content=flat)
     interp.allocate_tensors()
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    s_in, z_in = inp["quantization"]
-    s_out, z_out = out["quantization"]
-    keras_out = qat_model.predict(x, batch_size=8, verbose=0)
-    steps, same = [], []
+    (s_in, z_in), (s_out, z_out) = inp["quantization"], out["quantization"]
+    outputs = []
     for i in range(len(x)):
-        q = np.clip(np.round(x[i:i + 1] / s_in + z_in), -128, 127).astype(np.int8)
-        interp.set_tensor(inp["index"], q)
+        interp.set_tensor(inp["index"], np.clip(np.round(x[i:i + 1] / s_in + z_in), -128,
+                                                127).astype(np.int8))
         interp.invoke()
-        tfl = interp.get_tensor(out["index"]).astype(np.int32)
-        ref = np.round(keras_out[i:i + 1] / s_out + z_out)
-        steps.append(float(np.abs(tfl - ref).max()))
-        same.append(int(tfl.argmax()) == int(keras_out[i].argmax()))
-    return {"top1": float(np.mean(same)), "max_steps": max(steps)}
+        outputs.append((interp.get_tensor(out["index"]).astype(np.float32) - z_out) * s_out)
+    keras_out = qat_model.predict(x, batch_size=8, verbose=0)
+    return validate.agreement(keras_out, np.concatenate(outputs), s_out).to_dict()
 
 
-def build(name: str, n_calib: int) -> tuple[dict, dict, keras.Model | None]:
+def build(name: str, n_calib: int) -> tuple[dict, dict, dict]:
+    """The four flatbuffers of ``name``, notes (tfmot's refusal, stage seconds) and the
+    agreement of edgeqat's Keras QAT model with its flatbuffer."""
     builder, size, pixels = MODELS[name]
     keras.utils.set_random_seed(0)
     model = builder()
     x = calibration(size, pixels, n_calib, seed=0)
     train.reestimate_batchnorm(model, x)
-    flats, notes, seconds = {}, {}, {}
+    flats, seconds = {}, {}
+    notes = {"seconds": seconds}
     t = time.perf_counter()
     flats["float"] = convert.to_tflite(model, "float")
     flats["ptq"] = convert.to_tflite(model, "int8", calibration=x, qat=False)
@@ -128,9 +128,7 @@ def build(name: str, n_calib: int) -> tuple[dict, dict, keras.Model | None]:
     flats["edgeqat"] = convert.to_tflite(qat, "int8", calibration=x, qat=True)
     inspect.require_full_integer(flats["edgeqat"], f"{name} edgeqat int8")
     seconds["edgeqat"] = time.perf_counter() - t
-    notes["agreement"] = agreement(qat, flats["edgeqat"], calibration(size, pixels, 16, 7))
-    notes["seconds"] = seconds
-    return flats, notes, qat
+    return flats, notes, agreement(qat, flats["edgeqat"], calibration(size, pixels, 16, 7))
 
 
 def fmt_ratio(r: dict) -> str:
@@ -152,10 +150,9 @@ def main(argv=None) -> int:
     rows = []
     for name in names:
         t0 = time.perf_counter()
-        flats, notes, _ = build(name, args.calibration)
+        flats, notes, agree = build(name, args.calibration)
         times = latency.interleaved(flats, threads=(1, 2), rounds=args.rounds, runs=args.runs)
-        row = {"model": name, "notes": {k: v for k, v in notes.items() if k != "agreement"},
-               "agreement": notes["agreement"], "variants": {}}
+        row = {"model": name, "notes": notes, "agreement": agree, "variants": {}}
         for v, flat in flats.items():
             row["variants"][v] = {
                 "bytes": len(flat), **op_counts(flat),
@@ -197,9 +194,9 @@ def main(argv=None) -> int:
             f"{format(tf_['bytes'], ',') if tf_ else '-'} | "
             f"{v['edgeqat']['ops']} / {v['ptq']['ops']} | "
             f"{qd(v['edgeqat'])} / {qd(v['ptq'])} / {qd(tf_)} | "
-            f"{100 * r['agreement']['top1']:.0f}%, {r['agreement']['max_steps']:.0f} |")
+            f"{100 * r['agreement']['top1']:.0f}%, {r['agreement']['max_abs_steps']:.1f} |")
     header = (
-        f"Measured by `benchmarks/applications.py` on {_cpus()} CPU core(s): LiteRT "
+        f"Measured by `benchmarks/applications.py` on {os.cpu_count()} CPU core(s): LiteRT "
         "(XNNPACK), batch 1, random weights with BatchNorm statistics re-estimated on the "
         f"calibration images; {args.rounds} interleaved rounds of {args.runs} invokes per "
         "model and thread count. Time ratios below 1 mean edgeqat's int8 file is faster; "
@@ -211,12 +208,6 @@ def main(argv=None) -> int:
     report.write_results(Path(args.out), rows, body, indent=1)
     print(body)
     return 0
-
-
-def _cpus() -> int:
-    import os
-
-    return os.cpu_count() or 1
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ class WeightedKind:
         annotate rewrites a per-channel Dense as a 1x1 Conv2D instead); transposed-conv
         kernels have an input-channel last axis: per tensor.
       bn_fold: how a BatchNormalization right after it folds into its kernel (None: it
-        does not fold; the BN becomes a ``ChannelAffine``).
+        does not fold; the BN becomes an elementwise MUL and ADD).
       kernel_index: the folded kernel's index in ``get_weights()`` (the bias follows it).
       kernel_rounding: ``requant.install`` emulates its TFLite kernel's requantization
         (measured for CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED; TRANSPOSE_CONV
@@ -85,7 +85,7 @@ WEIGHTED: dict[type, WeightedKind] = {
     L.Embedding: WeightedKind(("embeddings",), False),
     L.MultiHeadAttention: WeightedKind(("_query_dense.kernel", "_key_dense.kernel",
                                         "_value_dense.kernel", "_output_dense.kernel"), False),
-    ChannelAffine: WeightedKind(("kernel",), False),
+    ChannelAffine: WeightedKind(("kernel",), False),  # QAT models saved before ChannelOp
 }
 
 # AVERAGE_POOL_2D's int8 kernel requires its output scale to equal its input's (the

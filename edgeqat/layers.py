@@ -14,10 +14,9 @@ from edgeqat.keras import keras, tf
 class ChannelAffine(keras.layers.Layer):
     """y = x * kernel + bias per channel (last axis), as one 1x1 depthwise convolution.
 
-    Stands in for ``Rescaling``, ``Normalization`` and a ``BatchNormalization`` that no
-    convolution precedes: in TFLite those become MUL then ADD, whose float intermediate
-    has no trained range; a depthwise 1x1 convolution is one integer op. Inputs of rank 2
-    and 3 are reshaped to rank 4 and back (shape-only ops).
+    What annotation made of ``Rescaling``, ``Normalization`` and a lone BatchNormalization
+    before ``ChannelOp`` (which is up to 20x cheaper in XNNPACK); kept so QAT models saved
+    then still load. Inputs of rank 2 and 3 are reshaped to rank 4 and back.
 
     Args:
       scale: per-channel (or scalar) multiplier, used to initialise ``kernel``.

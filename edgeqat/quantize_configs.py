@@ -3,7 +3,8 @@
 Annotation (``edgeqat.annotate``) first rewrites a model into a canonical float form in
 which every layer is one of the kinds of ``edgeqat.layer_kinds`` (nested models inlined,
 BN folded, Conv1D and per-channel Dense expressed as Conv2D, SeparableConv split,
-Rescaling/Normalization and standalone BN as ``ChannelAffine``, TFOpLambda as
+Rescaling/Normalization, standalone BN and LayerScale as ``ScalarOp``/``ChannelOp``
+MUL and ADD, TFOpLambda as
 ``Add``/``Multiply``/``ScalarOp``/``ReLU``, non-fusable activations split out). This
 module then makes, per layer, the quantizers its kind calls for (``layer_kind``,
 ``make_quantize_config``).
