@@ -14,9 +14,11 @@ kernels XNNPACK takes) it builds four flatbuffers from the same float model:
   ``prepare_for_export``, converted and proven fully integer.
 
 It reports bytes, op counts, QUANTIZE/DEQUANTIZE ops, the Keras-QAT vs TFLite agreement
-of edgeqat's model on 16 inputs, and latency at 1 and 2 threads from one interleaved run
-(``edgeqat.latency``: per-round medians; ratios are medians of per-round ratios with
-their range). Writes benchmarks/results/applications.json and .md (quoted in the README).
+of edgeqat's model on 16 inputs (end to end, and the worst op fed its own TFLite inputs,
+``diagnostics.op_agreement``: random weights amplify rounding ties end to end), and
+latency at 1 and 2 threads from one interleaved run (``edgeqat.latency``: per-round
+medians; ratios are medians of per-round ratios with their range). Writes
+benchmarks/results/applications.json and .md (quoted in the README).
 Random weights say nothing about accuracy; they are what latency and size need.
 """
 
@@ -34,7 +36,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgeqat import annotate, convert, export, inspect, latency, policy, report, train, validate  # noqa: E402
+from edgeqat import (  # noqa: E402
+    annotate,
+    convert,
+    diagnostics,
+    export,
+    inspect,
+    latency,
+    policy,
+    report,
+    train,
+    validate,
+)
 from edgeqat.keras import keras, tf, tfmot  # noqa: E402
 
 APPS = keras.applications
@@ -93,7 +106,11 @@ def agreement(qat_model: keras.Model, flat: bytes, x: np.ndarray) -> dict:
         interp.invoke()
         outputs.append((interp.get_tensor(out["index"]).astype(np.float32) - z_out) * s_out)
     keras_out = qat_model.predict(x, batch_size=8, verbose=0)
-    return validate.agreement(keras_out, np.concatenate(outputs), s_out).to_dict()
+    whole = validate.agreement(keras_out, np.concatenate(outputs), s_out).to_dict()
+    # Op by op (each op fed its own TFLite inputs): what the simulation gets right, apart
+    # from how far a random-weight network amplifies rounding ties end to end.
+    local = diagnostics.op_agreement(flat, qat_model, x[:2])
+    return {**whole, "op_max_steps": max(a.max_steps for a in local), "ops_checked": len(local)}
 
 
 def build(name: str, n_calib: int) -> tuple[dict, dict, dict]:
@@ -174,8 +191,9 @@ def main(argv=None) -> int:
     lines = [
         "| model | float ms (1t) | edgeqat/float time 1t | 2t | edgeqat/PTQ 1t | 2t "
         "| edgeqat/tfmot 1t | 2t | bytes edgeqat / PTQ / tfmot | ops edgeqat / PTQ "
-        "| QUANTIZE+DEQUANTIZE edgeqat / PTQ / tfmot | Keras/TFLite top-1, max steps |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| QUANTIZE+DEQUANTIZE edgeqat / PTQ / tfmot | Keras/TFLite top-1, max steps "
+        "| worst op, steps (ops checked) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         v, q = r["variants"], r["edgeqat_time_ratio"]
@@ -194,7 +212,8 @@ def main(argv=None) -> int:
             f"{format(tf_['bytes'], ',') if tf_ else '-'} | "
             f"{v['edgeqat']['ops']} / {v['ptq']['ops']} | "
             f"{qd(v['edgeqat'])} / {qd(v['ptq'])} / {qd(tf_)} | "
-            f"{100 * r['agreement']['top1']:.0f}%, {r['agreement']['max_abs_steps']:.1f} |")
+            f"{100 * r['agreement']['top1']:.0f}%, {r['agreement']['max_abs_steps']:.1f} | "
+            f"{r['agreement']['op_max_steps']:.1f} ({r['agreement']['ops_checked']}) |")
     header = (
         f"Measured by `benchmarks/applications.py` on {os.cpu_count()} CPU core(s): LiteRT "
         "(XNNPACK), batch 1, random weights with BatchNorm statistics re-estimated on the "

@@ -110,7 +110,7 @@ def layer_of(tensor: str, model: keras.Model) -> str | None:
     (``m/conv_relu/Relu;m/conv_bn/FusedBatchNormV3;m/conv/Conv2D``).
     """
     names = {layer.name: layer for layer in model.layers}
-    found = [seg for part in tensor.split(";") for seg in part.split("/") if seg in names]
+    found = _layers_named(tensor, names)
     if not found:
         return None
     weighted = [n for n in found if adaround_fits(names[n])
@@ -121,8 +121,24 @@ def layer_of(tensor: str, model: keras.Model) -> str | None:
 def _last_layer_of(tensor: str, model: keras.Model) -> str | None:
     """The latest (in graph order) Keras layer named in a tensor name: its output matches."""
     order = {layer.name: i for i, layer in enumerate(model.layers)}
-    found = [seg for part in tensor.split(";") for seg in part.split("/") if seg in order]
+    found = _layers_named(tensor, order)
     return max(found, key=order.get) if found else None
+
+
+def _layers_named(tensor: str, names) -> list[str]:
+    """The layer names in a TFLite tensor name, in order. A Keras layer name may itself
+    hold ``/`` (MobileNetV3's ``expanded_conv/depthwise``): a name counts where it fills
+    whole ``/``-separated segments of one ``;``-separated part."""
+    found = []
+    for part in tensor.split(";"):
+        segs, i = part.split("/"), 0
+        while i < len(segs):
+            j = next((j for j in range(len(segs), i, -1)  # the longest name from i
+                      if "/".join(segs[i:j]) in names), i + 1)
+            if "/".join(segs[i:j]) in names:
+                found.append("/".join(segs[i:j]))
+            i = j
+    return found
 
 
 def _output_layer(model: keras.Model) -> str:
@@ -354,3 +370,84 @@ def sensitivity(cal: Calibrated, model: keras.Model, x: np.ndarray, y: np.ndarra
     else:
         out.sort(key=lambda s: (s.delta, -s.output_rmse))
     return Sensitivity(how, base, tuple(out), round(time.perf_counter() - start, 2))
+
+
+@dataclass(frozen=True)
+class OpAgreement:
+    """How one TFLite op's output differs from its Keras layers fed the op's own inputs."""
+
+    op: str  # the TFLite op (CONV_2D, ADD, ...)
+    layer: str
+    tensor: str
+    max_steps: float
+    over_1: float  # fraction of output values more than 1 step apart
+
+
+def op_agreement(tflite: bytes, model: keras.Model, x: np.ndarray) -> list[OpAgreement]:
+    """Op-local fidelity of ``model`` (the QAT Keras model) to its integer TFLite model.
+
+    For every quantized op output that names a Keras layer, the Keras layers between the
+    op's activation inputs and that output are run on the TFLite model's own (dequantized)
+    input tensors and compared with the op's output, in its quantization steps. Unlike
+    ``direct_layer_errors``, nothing accumulates: a difference is the op's own. In a deep
+    network with random weights, the rare 1-step differences at rounding ties (XNNPACK's
+    and the reference kernels' fixed-point differ from each other too) are amplified from
+    layer to layer, so whole-model agreement measures the network's conditioning as much
+    as the simulation; this measures the simulation.
+
+    Ops whose inputs or output name no Keras tensor of ``model`` (inside composite layers
+    such as MultiHeadAttention) are left out.
+    """
+    interp = _interpreter(tflite, preserve=True)
+    inp = interp.get_input_details()[0]
+    out_detail = interp.get_output_details()[0]
+    details = {d["index"]: d for d in interp.get_tensor_details()}
+    ops = interp._get_ops_details()
+    produced = {i for op in ops for i in op["outputs"]}
+
+    def keras_tensor(i):
+        if i == inp["index"]:
+            return model.inputs[0]
+        src = (_output_layer(model) if i == out_detail["index"]
+               else _last_layer_of(details[i]["name"], model))
+        return None if src is None else _output_in(model, model.get_layer(src))
+
+    probes = []  # (op name, input tensor indices, output index, layer, sub-model)
+    seen = set()
+    for op in ops:
+        for o in op["outputs"]:
+            d = details.get(o)
+            if d is None or o in seen or d["quantization"][0] == 0 or \
+                    d["dtype"] == np.float32:
+                continue
+            ins = list(dict.fromkeys(i for i in op["inputs"]
+                                     if i >= 0 and (i in produced or i == inp["index"])))
+            k_in = [keras_tensor(i) for i in ins]
+            k_out = keras_tensor(o)
+            if k_out is None or not ins or any(t is None for t in k_in) or \
+                    len({id(t) for t in k_in}) < len(k_in) or any(t is k_out for t in k_in):
+                continue
+            try:
+                sub = keras.Model(k_in, k_out)
+            except (ValueError, KeyError, TypeError):  # not a self-contained path
+                continue
+            seen.add(o)
+            probes.append((op["op_name"], ins, o, layer_of(d["name"], model) or d["name"],
+                           sub))
+    values: dict[int, list[np.ndarray]] = {}
+    for sample in x:
+        interp.set_tensor(inp["index"], _quantize_input(sample[None], inp))
+        interp.invoke()
+        for i in {i for _op, ins, o, *_ in probes for i in (*ins, o)}:
+            values.setdefault(i, []).append(_dequantize(interp.get_tensor(i), details[i]))
+    result = []
+    for op_name, ins, o, layer, sub in probes:
+        feeds = [np.concatenate(values[i]) for i in ins]
+        ref = np.asarray(sub(feeds if len(feeds) > 1 else feeds[0], training=False))
+        got = np.concatenate(values[o])
+        if ref.size != got.size:
+            continue
+        steps = np.abs(ref.reshape(got.shape) - got) / float(details[o]["quantization"][0])
+        result.append(OpAgreement(op_name, layer, details[o]["name"], float(steps.max()),
+                                  float((steps > 1 + 1e-3).mean())))
+    return result
