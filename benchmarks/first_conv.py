@@ -1,4 +1,4 @@
-"""Where int8 loses to float on the small reference models: the first convolution.
+"""int8 against float on the small reference models, layer by layer and by input channels.
 
     python benchmarks/first_conv.py [--rounds 15] [--runs 200]
 
@@ -156,7 +156,7 @@ def reading(sweep_rows: list[dict], layer_rows: list[dict]) -> str:
     tiny = layer_rows[0]
     return ("Reading (written by the script): " + ". ".join(parts) + f". A one-op model "
             f"costs {tiny['float_us']:.2f} us (float) and {tiny['int8_us']:.2f} us (int8) per "
-            "invoke, so the fixed cost of an invoke is not what makes int8 slower here.")
+            "invoke: the fixed cost of an invoke is the same for both.")
 
 
 def main(argv):
@@ -165,7 +165,7 @@ def main(argv):
 
     sweep_rows, layer_rows = sweep(), per_layer()
     lines = [
-        "### Why int8 is slower than float on the small reference models",
+        "##### int8 against float on the small reference models, layer by layer",
         "",
         f"Measured by `benchmarks/first_conv.py` on {os.cpu_count()} CPU core(s): "
         f"{FLAGS.rounds} interleaved rounds of {FLAGS.runs} invokes per model "

@@ -106,8 +106,9 @@ def main(argv):
         "Speed: the run's float, PTQ and QAT flatbuffers timed on this machine in "
         f"{FLAGS.rounds} interleaved rounds of {FLAGS.runs} invokes each (`edgeqat.latency`, "
         "XNNPACK, batch 1); a cell is QAT's speed relative to float or PTQ (above 1x: QAT "
-        "is faster), the median of the per-round ratios with their range. Why int8 loses "
-        "to float on these small models: `benchmarks/results/first_conv.md`.")
+        "is faster), the median of the per-round ratios with their range. int8 against "
+        "float layer by layer: `benchmarks/results/first_conv.md`. Timings need a machine "
+        "doing nothing else: run beside another TensorFlow job, even these ratios move.")
     if emulated:
         speed_text = ("The device is emulated: accuracy and outputs are the device's; speed "
                       "under emulation says nothing about a real one, so none is reported.")
