@@ -195,3 +195,42 @@ def test_round_weights_puts_kernels_on_a_per_channel_grid():
     np.testing.assert_array_equal(rounded.get_layer("out").kernel.numpy(),
                                   model.get_layer("out").kernel.numpy())  # kept
     assert model.get_layer("hidden").kernel is not rounded.get_layer("hidden").kernel
+
+
+def test_layer_names_holding_a_slash_map_to_their_tensors():
+    names = {"block/depthwise": 0, "block/depthwise_relu": 1, "conv": 2}
+    tensor = "m/block/depthwise/BiasAdd;m/block/depthwise_relu/Relu6;m/conv/Conv2D"
+    assert diagnostics._layers_named(tensor, names) == [
+        "block/depthwise", "block/depthwise_relu", "conv"]
+
+
+def test_op_agreement_isolates_the_one_op_keras_gets_wrong():
+    """A QAT model agrees with its flatbuffer op by op within 1 step; scale one layer's
+    Keras weights afterwards and only that op disagrees (nothing accumulates downstream,
+    unlike ``direct_layer_errors``)."""
+    from edgeqat import annotate, convert, export, policy
+
+    keras.utils.set_random_seed(0)
+    x = inputs = keras.Input((8, 8, 1))
+    x = L.Conv2D(8, 3, padding="same", activation="relu", name="conv_a")(x)
+    x = L.DepthwiseConv2D(3, padding="same", activation="relu", name="dw")(x)
+    x = L.Add(name="add")([x, L.Conv2D(8, 1, name="conv_b")(x)])
+    x = L.GlobalAveragePooling2D(name="pool")(x)
+    model = keras.Model(inputs, L.Dense(10, name="logits")(x))
+    x = np.random.default_rng(0).random((16, 8, 8, 1)).astype(np.float32)
+    qat = export.prepare_for_export(annotate.annotate_model(model, policy.uniform(),
+                                                            sample_x=x))
+    flat = convert.to_tflite(qat, "int8", calibration=x[:4], qat=True)
+    ops = inspect.list_ops(flat)
+    before = diagnostics.op_agreement(flat, qat, x[:4])
+    weighted = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+    assert sorted(a.op for a in before if a.op in weighted) == \
+        sorted(o.name for o in ops if o.name in weighted)
+    assert {a.op for a in before} >= {"ADD", "MEAN"}
+    assert max(a.max_steps for a in before) <= 1 + 1e-3
+    conv_a = next(lay for lay in qat.layers if lay.name.endswith("conv_a"))
+    kernel = next(w for w in conv_a.trainable_weights if "kernel" in w.name)
+    kernel.assign(kernel * 2.0)
+    after = {a.layer: a for a in diagnostics.op_agreement(flat, qat, x[:4])}
+    assert after[conv_a.name].max_steps > 2
+    assert all(a.max_steps <= 1 + 1e-3 for name, a in after.items() if name != conv_a.name)

@@ -72,5 +72,9 @@ def test_tiny_pipeline_on_emulated_raspberry_pi(tiny_pipeline, tmp_path):
     for name in ("ptq_int8", "qat_int8"):
         c = r["device_vs_host"][name]
         assert c["device_accuracy"] == c["host_accuracy"] == r["accuracy"][name]
-        assert c["identical"], c
+        # XNNPACK's int8 kernels requantize in their own way per architecture: with
+        # per-channel depthwise weights, 1 of the QAT model's 1,200 outputs is measured
+        # 1 step apart between aarch64 and x86 (per-tensor depthwise: identical).
+        assert c["max_abs_steps"] <= 1 and c["mismatched_fraction"] <= 0.01, c
+        assert c["top1_agreement"] == 1.0, c
     assert "Device vs host, `qat_int8.tflite`" in (out / "report.md").read_text()
