@@ -110,7 +110,7 @@ def layer_of(tensor: str, model: keras.Model) -> str | None:
     (``m/conv_relu/Relu;m/conv_bn/FusedBatchNormV3;m/conv/Conv2D``).
     """
     names = {layer.name: layer for layer in model.layers}
-    found = _layers_named(tensor, names)
+    found = layers_named(tensor, names)
     if not found:
         return None
     weighted = [n for n in found if adaround_fits(names[n])
@@ -121,11 +121,11 @@ def layer_of(tensor: str, model: keras.Model) -> str | None:
 def _last_layer_of(tensor: str, model: keras.Model) -> str | None:
     """The latest (in graph order) Keras layer named in a tensor name: its output matches."""
     order = {layer.name: i for i, layer in enumerate(model.layers)}
-    found = _layers_named(tensor, order)
+    found = layers_named(tensor, order)
     return max(found, key=order.get) if found else None
 
 
-def _layers_named(tensor: str, names) -> list[str]:
+def layers_named(tensor: str, names) -> list[str]:
     """The layer names in a TFLite tensor name, in order. A Keras layer name may itself
     hold ``/`` (MobileNetV3's ``expanded_conv/depthwise``): a name counts where it fills
     whole ``/``-separated segments of one ``;``-separated part."""
