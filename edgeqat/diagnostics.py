@@ -145,6 +145,29 @@ def _output_layer(model: keras.Model) -> str:
     return model.outputs[0].node.layer.name
 
 
+def _source_layer(i: int, name: str, out_index: int, model: keras.Model) -> str | None:
+    """The Keras layer whose output TFLite tensor ``i`` (named ``name``) holds: the model
+    output is named after the signature, not the layer."""
+    return _output_layer(model) if i == out_index else _last_layer_of(name, model)
+
+
+def _quantized(d: dict | None) -> bool:
+    return d is not None and d["quantization"][0] != 0 and d["dtype"] != np.float32
+
+
+def _run_keeping(interp, inp: dict, details: dict, indices, x: np.ndarray
+                 ) -> dict[int, np.ndarray]:
+    """Tensors ``indices`` of a preserve-all-tensors interpreter, dequantized, for every
+    sample of ``x`` (concatenated along the batch axis)."""
+    values: dict[int, list[np.ndarray]] = {i: [] for i in indices}
+    for sample in x:
+        interp.set_tensor(inp["index"], _quantize_input(sample[None], inp))
+        interp.invoke()
+        for i in values:
+            values[i].append(_dequantize(interp.get_tensor(i), details[i]))
+    return {i: np.concatenate(v) for i, v in values.items()}
+
+
 def ptq_layer_errors(cal: Calibrated, model: keras.Model, x: np.ndarray,
                      name: str = MODES[Mode.INT8].ptq_name) -> Diagnostics:
     """Per-layer error of the PTQ model of ``cal`` via TF's QuantizationDebugger.
@@ -266,12 +289,9 @@ def direct_layer_errors(tflite: bytes, model: keras.Model, x: np.ndarray,
     for op in interp._get_ops_details():
         for i in op["outputs"]:
             d = details.get(i)
-            if d is None or d["quantization"][0] == 0 or d["dtype"] == np.float32:
+            if not _quantized(d):
                 continue
-            if i == out_detail["index"]:  # named after the signature, not the layer
-                src = _output_layer(model)
-            else:
-                src = _last_layer_of(d["name"], model)
+            src = _source_layer(i, d["name"], out_detail["index"], model)
             if src is None:
                 continue
             layer = layer_of(d["name"], model) or src
@@ -283,15 +303,10 @@ def direct_layer_errors(tflite: bytes, model: keras.Model, x: np.ndarray,
     refs = probe.predict(x, batch_size=256, verbose=0)
     if len(pairs) == 1:
         refs = [refs]
-    q_vals: list[list[np.ndarray]] = [[] for _ in pairs]
-    for sample in x:
-        interp.set_tensor(inp["index"], _quantize_input(sample[None], inp))
-        interp.invoke()
-        for k, (i, *_rest) in enumerate(pairs):
-            q_vals[k].append(_dequantize(interp.get_tensor(i), details[i]))
+    q_vals = _run_keeping(interp, inp, details, [p[0] for p in pairs], x)
     errors = []
     for k, (i, tensor, _src, layer) in enumerate(pairs):
-        q = np.concatenate(q_vals[k])
+        q = q_vals[i]
         f = np.asarray(refs[k], np.float32)
         if q.size != f.size:
             continue
@@ -408,8 +423,7 @@ def op_agreement(tflite: bytes, model: keras.Model, x: np.ndarray) -> list[OpAgr
     def keras_tensor(i):
         if i == inp["index"]:
             return model.inputs[0]
-        src = (_output_layer(model) if i == out_detail["index"]
-               else _last_layer_of(details[i]["name"], model))
+        src = _source_layer(i, details[i]["name"], out_detail["index"], model)
         return None if src is None else _output_in(model, model.get_layer(src))
 
     probes = []  # (op name, input tensor indices, output index, layer, sub-model)
@@ -417,8 +431,7 @@ def op_agreement(tflite: bytes, model: keras.Model, x: np.ndarray) -> list[OpAgr
     for op in ops:
         for o in op["outputs"]:
             d = details.get(o)
-            if d is None or o in seen or d["quantization"][0] == 0 or \
-                    d["dtype"] == np.float32:
+            if o in seen or not _quantized(d):
                 continue
             ins = list(dict.fromkeys(i for i in op["inputs"]
                                      if i >= 0 and (i in produced or i == inp["index"])))
@@ -434,17 +447,13 @@ def op_agreement(tflite: bytes, model: keras.Model, x: np.ndarray) -> list[OpAgr
             seen.add(o)
             probes.append((op["op_name"], ins, o, layer_of(d["name"], model) or d["name"],
                            sub))
-    values: dict[int, list[np.ndarray]] = {}
-    for sample in x:
-        interp.set_tensor(inp["index"], _quantize_input(sample[None], inp))
-        interp.invoke()
-        for i in {i for _op, ins, o, *_ in probes for i in (*ins, o)}:
-            values.setdefault(i, []).append(_dequantize(interp.get_tensor(i), details[i]))
+    values = _run_keeping(interp, inp, details,
+                          {i for _op, ins, o, *_ in probes for i in (*ins, o)}, x)
     result = []
     for op_name, ins, o, layer, sub in probes:
-        feeds = [np.concatenate(values[i]) for i in ins]
+        feeds = [values[i] for i in ins]
         ref = np.asarray(sub(feeds if len(feeds) > 1 else feeds[0], training=False))
-        got = np.concatenate(values[o])
+        got = values[o]
         if ref.size != got.size:
             continue
         steps = np.abs(ref.reshape(got.shape) - got) / float(details[o]["quantization"][0])

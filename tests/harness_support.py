@@ -281,36 +281,25 @@ def emulated_runtime_site(runtime: str) -> Path:
         skip_or_fail(f"cannot set up {runtime} for the emulated Raspberry Pi: {e}")
 
 
-def tflite_int_outputs(flat: bytes, x, kernels: str = "AUTO"):
-    """The int8 outputs of ``flat`` for each sample of ``x`` (quantized as the input
-    declares), with LiteRT's default kernels (``AUTO``: XNNPACK) or another op resolver
-    (``BUILTIN_WITHOUT_DEFAULT_DELEGATES``: TFLite's own optimized kernels)."""
-    import numpy as np
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    interp = Interpreter(model_content=flat,
-                         experimental_op_resolver_type=getattr(OpResolverType, kernels))
-    interp.allocate_tensors()
-    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    s_in, z_in = inp["quantization"]
-    got = []
-    for i in range(len(x)):
-        interp.set_tensor(inp["index"], np.clip(np.round(x[i:i + 1] / s_in + z_in), -128,
-                                                127).astype(np.int8))
-        interp.invoke()
-        got.append(interp.get_tensor(out["index"]).astype(np.int32)[0])
-    return np.stack(got), out["quantization"]
-
-
 def output_steps(keras_model, flat: bytes, x) -> tuple:
     """Per sample of ``x``: |TFLite - Keras| in the output's quantization steps (max over
     the output), and whether the two top-1 classes agree; int8 input and output as the
     flatbuffer declares them."""
     import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
 
-    got, (s_out, z_out) = tflite_int_outputs(flat, x)
+    interp = Interpreter(model_content=flat)
+    interp.allocate_tensors()
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    (s_in, z_in), (s_out, z_out) = inp["quantization"], out["quantization"]
     keras_out = keras_model.predict(x, batch_size=8, verbose=0)
     ref = np.round(keras_out / s_out + z_out)
-    steps = np.abs(got - ref.reshape(got.shape)).reshape(len(x), -1).max(-1)
-    same = got.reshape(len(x), -1).argmax(-1) == keras_out.reshape(len(x), -1).argmax(-1)
-    return steps, same
+    steps, same = [], []
+    for i in range(len(x)):
+        interp.set_tensor(inp["index"], np.clip(np.round(x[i:i + 1] / s_in + z_in), -128,
+                                                127).astype(np.int8))
+        interp.invoke()
+        got = interp.get_tensor(out["index"]).astype(np.int32)
+        steps.append(np.abs(got - ref[i]).max())
+        same.append(int(got.argmax()) == int(keras_out[i].argmax()))
+    return np.asarray(steps), np.asarray(same)
