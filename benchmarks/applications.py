@@ -4,7 +4,10 @@
 
 For each model (random weights; BatchNorm statistics re-estimated on the calibration
 batch first, since untouched statistics shrink deep activations to ~1e-9 and change which
-kernels XNNPACK takes) it builds four flatbuffers from the same float model:
+kernels XNNPACK takes; biases drawn small and non-zero, as a trained model's are: the
+converter drops an all-zero bias, which one QAT step makes non-zero, so zero biases would
+compare a bias-free PTQ file with a biased QAT one) it builds four flatbuffers from the
+same float model:
 
 * ``float``: the converter's float model;
 * ``ptq``: the converter's full-integer post-training quantization (int8 in and out);
@@ -113,12 +116,22 @@ def agreement(qat_model: keras.Model, flat: bytes, x: np.ndarray) -> dict:
     return {**whole, "op_max_steps": max(a.max_steps for a in local), "ops_checked": len(local)}
 
 
+def trained_biases(model: keras.Model, seed: int = 0) -> None:
+    """Small non-zero biases (N(0, 0.01)) where the random initialisation left zeros."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        bias = getattr(layer, "bias", None)
+        if bias is not None and not np.any(bias.numpy()):
+            bias.assign(0.01 * rng.standard_normal(bias.shape).astype(np.float32))
+
+
 def build(name: str, n_calib: int) -> tuple[dict, dict, dict]:
     """The four flatbuffers of ``name``, notes (tfmot's refusal, stage seconds) and the
     agreement of edgeqat's Keras QAT model with its flatbuffer."""
     builder, size, pixels = MODELS[name]
     keras.utils.set_random_seed(0)
     model = builder()
+    trained_biases(model)
     x = calibration(size, pixels, n_calib, seed=0)
     train.reestimate_batchnorm(model, x)
     flats, seconds = {}, {}

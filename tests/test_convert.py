@@ -71,3 +71,44 @@ def test_int16x8_qat_stores_int64_biases_and_runs(small_model):
 def test_ptq_without_calibration_is_refused(small_model):
     with pytest.raises(ValueError, match="needs calibration data"):
         convert.to_tflite(small_model[0], "int8")
+
+
+def test_qat_tensors_are_named_once_per_layer(monkeypatch):
+    """A QAT file names each tensor by the layers fused into it, each once (the converter
+    names a conv's output after its Conv2D, BiasAdd, ReadVariableOp and activation ops),
+    in fewer name bytes than the converter's names, naming the same layers, and every
+    weighted op still maps to its layer."""
+    from edgeqat import annotate, diagnostics, policy
+
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([
+        keras.Input((8, 8, 3)),
+        keras.layers.Conv2D(8, 3, use_bias=False, name="conv_a"),
+        keras.layers.BatchNormalization(name="bn_a"),
+        keras.layers.ReLU(name="relu_a"),
+        keras.layers.DepthwiseConv2D(3, name="dw_b"),
+        keras.layers.ReLU(6.0, name="relu_b"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(5, bias_initializer="ones", name="head"),
+    ])
+    x = np.random.default_rng(0).random((16, 8, 8, 3), dtype=np.float32)
+    qat = annotate.annotate_model(m, policy.uniform(), sample_x=x)
+    qat(x, training=True)
+    qat = export.prepare_for_export(qat)
+    flat = convert.to_tflite(qat, "int8", calibration=x, qat=True)
+    names = [t["name"] for t in inspect.tensors(flat)]
+    assert len(set(names)) == len(names)
+    layers = {layer.name for layer in qat.layers}
+    for n in names:
+        found = diagnostics.layers_named(n, layers)
+        assert len(found) == len(set(found)), n
+    assert any(set(diagnostics.layers_named(n, layers)) == {"quant_relu_b", "quant_dw_b"}
+               for n in names)
+    monkeypatch.setattr(convert, "name_tensors_by_layer", lambda flat, model: flat)
+    raw = [t["name"] for t in inspect.tensors(
+        convert.to_tflite(qat, "int8", calibration=x, qat=True))]
+    assert len(raw) == len(names) and sum(map(len, names)) < sum(map(len, raw))
+    assert [set(diagnostics.layers_named(n, layers)) for n in names] == [
+        set(diagnostics.layers_named(n, layers)) for n in raw]
+    probed = {a.layer for a in diagnostics.op_agreement(flat, qat, x[:2])}
+    assert {"quant_conv_a", "quant_dw_b", "quant_head"} <= probed
