@@ -228,7 +228,8 @@ def main(argv=None) -> int:
             f"{100 * r['agreement']['top1']:.0f}%, {r['agreement']['max_abs_steps']:.1f} | "
             f"{r['agreement']['op_max_steps']:.1f} ({r['agreement']['ops_checked']}) |")
     header = (
-        f"Measured by `benchmarks/applications.py` on {os.cpu_count()} CPU core(s): LiteRT "
+        f"Measured by `benchmarks/applications.py` on {os.cpu_count()} core(s) of "
+        f"{latency.host_cpu()}: LiteRT "
         "(XNNPACK), batch 1, random weights with BatchNorm statistics re-estimated on the "
         f"calibration images; {args.rounds} interleaved rounds of {args.runs} invokes per "
         "model and thread count. Time ratios below 1 mean edgeqat's int8 file is faster; "

@@ -162,12 +162,14 @@ def reading(sweep_rows: list[dict], layer_rows: list[dict]) -> str:
 def main(argv):
     del argv
     from edgeqat import report
+    from edgeqat.latency import host_cpu
 
     sweep_rows, layer_rows = sweep(), per_layer()
     lines = [
         "##### int8 against float on the small reference models, layer by layer",
         "",
-        f"Measured by `benchmarks/first_conv.py` on {os.cpu_count()} CPU core(s): "
+        f"Measured by `benchmarks/first_conv.py` on {os.cpu_count()} core(s) of "
+        f"{host_cpu()}: "
         f"{FLAGS.rounds} interleaved rounds of {FLAGS.runs} invokes per model "
         "(`edgeqat.latency`, XNNPACK, batch 1), random initial weights, int8 by PTQ. A speed "
         "cell is int8's speed relative to float (above 1x: int8 is faster), the median of "

@@ -112,11 +112,23 @@ def main(argv):
     if emulated:
         speed_text = ("The device is emulated: accuracy and outputs are the device's; speed "
                       "under emulation says nothing about a real one, so none is reported.")
-    header = (f"Measured by `benchmarks/pipelines.py` on {os.cpu_count()} CPU core(s), device "
+    device_lines = [
+        f"- {x['pipeline']}, `{name}`: {100 * c['device_accuracy']:.2f}% on the device, "
+        f"{100 * c['host_accuracy']:.2f}% on this host; top-1 agreement "
+        f"{100 * c['top1_agreement']:.2f}%, " + (
+            "outputs identical" if c["identical"] else
+            f"{100 * c['mismatched_fraction']:.2f}% of outputs differ, by at most "
+            f"{c['max_abs_steps']:.0f} step(s)") + f" ({c['samples']} samples)"
+        for x in rows for name, c in x.get("device_vs_host", {}).items()]
+    device_text = ("\n\nThe same flatbuffers on the device and on this host:\n\n"
+                   + "\n".join(device_lines)) if device_lines else ""
+    header = (f"Measured by `benchmarks/pipelines.py` on {os.cpu_count()} core(s) of "
+              f"{latency.host_cpu()}, device "
               f"profile `{FLAGS.device}` ({dev.num_threads} thread"
               f"{'s' if dev.num_threads > 1 else ''}). {speed_text}\n\n")
-    report.write_results(Path(FLAGS.out), rows, header + "\n".join(lines) + "\n", indent=2)
-    print("\n".join(lines))
+    body = header + "\n".join(lines) + device_text + "\n"
+    report.write_results(Path(FLAGS.out), rows, body, indent=2)
+    print(body)
 
 
 if __name__ == "__main__":

@@ -88,3 +88,31 @@ def ratio(a: Timing, b: Timing) -> dict:
     """a / b (below 1: a is faster) as the median of per-round ratios, with their range."""
     r = np.asarray(a.rounds_us) / np.asarray(b.rounds_us)
     return {"median": float(np.median(r)), "min": float(r.min()), "max": float(r.max())}
+
+
+# The vector extensions XNNPACK's int8 and float kernels choose between: on x86 int8
+# gains most over float with AVX-512 VNNI / AVX-VNNI / AMX, little with AVX2 alone; on
+# ARM the dot-product (asimddp) and i8mm instructions.
+ISA_FLAGS = {"x86": ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"),
+             "arm": ("asimd", "asimddp", "i8mm")}
+
+
+def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """This machine's CPU model and the vector extensions that decide int8 vs float speed,
+    e.g. ``AMD EPYC (avx2, fma; no avx512f, avx512_vnni, ...)``: a timing ratio holds for
+    the CPU it was measured on."""
+    import platform
+
+    try:
+        text = open(cpuinfo).read()
+    except OSError:
+        return platform.machine() or "unknown CPU"
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                  if line.split(":")[0].strip() in ("model name", "Model")), platform.machine())
+    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines()
+                  if line.split(":")[0].strip() in ("flags", "Features")), set())
+    wanted = ISA_FLAGS["arm" if "asimd" in flags else "x86"]
+    has = [f for f in wanted if f in flags]
+    lacks = [f for f in wanted if f not in flags]
+    return f"{model} ({', '.join(has) or 'none'}; no {', '.join(lacks)})" if lacks else \
+        f"{model} ({', '.join(has)})"
