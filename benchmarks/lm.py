@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -27,6 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from edgeqat import latency  # noqa: E402
 from edgeqat.config import DEVICES_DIR, PIPELINES_DIR, DeviceConfig, load_device, load_pipeline  # noqa: E402
 from edgeqat.lm import evaluate, flow, text  # noqa: E402
 
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
               "data": data.summary(), "rows": rows, "keras_vs_tflite": fidelity,
               "samples": {"prompt": cfg.lm.prompt,
                           **{n: text.decode(r.info["generated"]) for n, r in runs.items()}},
-              "cpu": runs["float"].info.get("cpu"),
+              "cpu": runs["float"].info.get("cpu"), "host_cpu": latency.host_cpu(),
               "seconds": {k: round(v, 1) for k, v in seconds.items()},
               "total_s": round(time.perf_counter() - started, 1)}
     if pi is not None:
@@ -135,7 +137,8 @@ def to_markdown(r: dict) -> str:
              f"context {m['context']}, {m['parameters']:,} parameters, byte tokens; "
              f"{r['rows'][0]['tokens']:,} test tokens of the built-in corpus "
              f"({r['data']['bytes']:,} bytes, sha256 `{r['data']['sha256'][:12]}…`). "
-             "Local CPU (LiteRT, XNNPACK); all rows from one run; tokens/s are medians of "
+             f"Local CPU, {os.cpu_count()} core(s) of {r.get('host_cpu', 'an unnamed CPU')} "
+             "(LiteRT, XNNPACK); all rows from one run; tokens/s are medians of "
              f"{ROUNDS} rounds.", "",
              *table_rows({"rows": r["rows"]}), ""]
     for n, f in r["keras_vs_tflite"].items():

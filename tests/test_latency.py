@@ -32,3 +32,14 @@ def test_interleaved_times_every_model_in_every_round(two_models):
 def test_rounds_must_be_positive(two_models):
     with pytest.raises(ValueError, match="rounds"):
         latency.interleaved(two_models, rounds=0)
+
+
+def test_host_cpu_names_the_model_and_the_int8_extensions(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 fma sse4_2\n")
+    assert latency.host_cpu(str(x86)) == (
+        "AMD EPYC (avx2, fma; no avx512f, avx512_vnni, avx_vnni, amx_int8)")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp crc32\nModel\t: Pi 4\n")
+    assert latency.host_cpu(str(arm)) == "Pi 4 (asimd, asimddp; no i8mm)"
+    assert latency.host_cpu(str(tmp_path / "missing"))  # the machine name, not an error
