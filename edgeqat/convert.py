@@ -67,13 +67,13 @@ def name_tensors_by_layer(flat: bytes, model: keras.Model) -> bytes:
     and on MobileNetV2 they are a third of the names' bytes more than a PTQ file of the
     same model carries. Kept: the first part that names each layer, in order
     (``m/quant_conv_relu/Relu6;m/quant_conv/BiasAdd``), so every layer a tensor came from
-    is still named (``diagnostics.layers_named`` reads the same layers from it); parts
+    is still named (``inspect.layers_named`` reads the same layers from it); parts
     that name no layer stay where no part does; the subgraphs' inputs and outputs keep
     their names; a name made equal to an earlier one gets a number, as the converter's do.
     """
     from tensorflow.lite.tools import flatbuffer_utils
 
-    from edgeqat.diagnostics import layers_named
+    from edgeqat.inspect import layers_named
 
     layers = {layer.name for layer in model.layers}
     m = flatbuffer_utils.read_model_from_bytearray(bytearray(flat))

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeqat.graph import node_in
+from edgeqat.inspect import layers_named
 from edgeqat.keras import keras
 from edgeqat.modes import MODES, Mode
 from edgeqat.ptq import Calibrated, adaround_fits, quantize, verify_target
@@ -123,22 +124,6 @@ def _last_layer_of(tensor: str, model: keras.Model) -> str | None:
     order = {layer.name: i for i, layer in enumerate(model.layers)}
     found = layers_named(tensor, order)
     return max(found, key=order.get) if found else None
-
-
-def layers_named(tensor: str, names) -> list[str]:
-    """The layer names in a TFLite tensor name, in order. A Keras layer name may itself
-    hold ``/`` (MobileNetV3's ``expanded_conv/depthwise``): a name counts where it fills
-    whole ``/``-separated segments of one ``;``-separated part."""
-    found = []
-    for part in tensor.split(";"):
-        segs, i = part.split("/"), 0
-        while i < len(segs):
-            j = next((j for j in range(len(segs), i, -1)  # the longest name from i
-                      if "/".join(segs[i:j]) in names), i + 1)
-            if "/".join(segs[i:j]) in names:
-                found.append("/".join(segs[i:j]))
-            i = j
-    return found
 
 
 def _output_layer(model: keras.Model) -> str:

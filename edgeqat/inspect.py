@@ -165,3 +165,19 @@ def require_full_integer(model: bytes, what: str = "model") -> list[OpFacts]:
         raise UserError(f"{what} is not fully integer: {len(bad)} float op(s): {listed}; "
                         "quantize those layers (policy rules) or keep them off the device")
     return ops
+
+
+def layers_named(tensor: str, names) -> list[str]:
+    """The layer names in a TFLite tensor name, in order. A Keras layer name may itself
+    hold ``/`` (MobileNetV3's ``expanded_conv/depthwise``): a name counts where it fills
+    whole ``/``-separated segments of one ``;``-separated part."""
+    found = []
+    for part in tensor.split(";"):
+        segs, i = part.split("/"), 0
+        while i < len(segs):
+            j = next((j for j in range(len(segs), i, -1)  # the longest name from i
+                      if "/".join(segs[i:j]) in names), i + 1)
+            if "/".join(segs[i:j]) in names:
+                found.append("/".join(segs[i:j]))
+            i = j
+    return found

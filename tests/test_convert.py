@@ -100,15 +100,15 @@ def test_qat_tensors_are_named_once_per_layer(monkeypatch):
     assert len(set(names)) == len(names)
     layers = {layer.name for layer in qat.layers}
     for n in names:
-        found = diagnostics.layers_named(n, layers)
+        found = inspect.layers_named(n, layers)
         assert len(found) == len(set(found)), n
-    assert any(set(diagnostics.layers_named(n, layers)) == {"quant_relu_b", "quant_dw_b"}
+    assert any(set(inspect.layers_named(n, layers)) == {"quant_relu_b", "quant_dw_b"}
                for n in names)
     monkeypatch.setattr(convert, "name_tensors_by_layer", lambda flat, model: flat)
     raw = [t["name"] for t in inspect.tensors(
         convert.to_tflite(qat, "int8", calibration=x, qat=True))]
     assert len(raw) == len(names) and sum(map(len, names)) < sum(map(len, raw))
-    assert [set(diagnostics.layers_named(n, layers)) for n in names] == [
-        set(diagnostics.layers_named(n, layers)) for n in raw]
+    assert [set(inspect.layers_named(n, layers)) for n in names] == [
+        set(inspect.layers_named(n, layers)) for n in raw]
     probed = {a.layer for a in diagnostics.op_agreement(flat, qat, x[:2])}
     assert {"quant_conv_a", "quant_dw_b", "quant_head"} <= probed

@@ -200,7 +200,7 @@ def test_round_weights_puts_kernels_on_a_per_channel_grid():
 def test_layer_names_holding_a_slash_map_to_their_tensors():
     names = {"block/depthwise": 0, "block/depthwise_relu": 1, "conv": 2}
     tensor = "m/block/depthwise/BiasAdd;m/block/depthwise_relu/Relu6;m/conv/Conv2D"
-    assert diagnostics.layers_named(tensor, names) == [
+    assert inspect.layers_named(tensor, names) == [
         "block/depthwise", "block/depthwise_relu", "conv"]
 
 
