@@ -192,7 +192,7 @@ def to_tflite(model: keras.Model, mode: str = modes.Mode.INT8, *,
         converter._experimental_low_bit_qat = True
     if calibration is not None:
         # For a QAT model the trained FakeQuant ranges win; calibration only fills the
-        # tensors training did not simulate (inside LayerNormalization, attention).
+        # tensors training did not simulate (inside MultiHeadAttention).
         converter.representative_dataset = representative_dataset(calibration)
     elif not is_qat:
         raise ValueError(f"{mode} conversion of a float model needs calibration data")

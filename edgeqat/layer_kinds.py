@@ -23,7 +23,7 @@ import enum
 from dataclasses import dataclass
 
 from edgeqat.keras import keras
-from edgeqat.layers import ChannelAffine, ChannelOp, ScalarOp
+from edgeqat.layers import ChannelAffine, ChannelMean, ChannelOp, Rsqrt, ScalarOp
 
 L = keras.layers
 
@@ -104,7 +104,7 @@ OUTPUT_ONLY = (
     L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum, L.Concatenate,
     L.GlobalAveragePooling1D,
     L.GlobalAveragePooling2D, L.ReLU, L.LeakyReLU, L.Softmax, L.Activation,
-    L.LayerNormalization, ScalarOp, ChannelOp, L.UpSampling2D,
+    L.LayerNormalization, ScalarOp, ChannelOp, ChannelMean, Rsqrt, L.UpSampling2D,
 )
 
 # Layers whose TFLite op (CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, ADD, MUL by a

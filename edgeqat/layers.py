@@ -130,4 +130,34 @@ class ChannelOp(keras.layers.Layer):
                 "quantize_values": self.quantize_values}
 
 
-LAYERS = (ChannelAffine, ScalarOp, ChannelOp)
+class ChannelMean(keras.layers.Layer):
+    """The mean over the last axis, kept: ``reduce_mean(x, -1, keepdims=True)``, one MEAN
+    op. A step of ``LayerNormalization`` as annotation writes it out (``annotate``)."""
+
+    def call(self, inputs):
+        return tf.reduce_mean(inputs, axis=-1, keepdims=True)
+
+
+@tf.custom_gradient
+def _rsqrt(x):
+    y = tf.math.rsqrt(x)
+
+    def grad(dy):
+        # d/dx x^-1/2 = -y^3 / 2; zero where the int8 grid rounded x to 0 (y = inf), where
+        # the output's fake quant saturates anyway: never a NaN into training.
+        return tf.where(tf.math.is_finite(y), dy * -0.5 * y * y * y, tf.zeros_like(dy))
+
+    return y, grad
+
+
+class Rsqrt(keras.layers.Layer):
+    """``1 / sqrt(x)``, one RSQRT op: a step of ``LayerNormalization`` as annotation writes
+    it out. Forward: ``rsqrt(x)`` (``inf`` at 0, which the output's quantizer saturates to
+    the top of its range, as TFLite's int8 kernel does). Backward: ``-rsqrt(x)^3 / 2``,
+    zero where the forward was ``inf``."""
+
+    def call(self, inputs):
+        return _rsqrt(inputs)
+
+
+LAYERS = (ChannelAffine, ScalarOp, ChannelOp, ChannelMean, Rsqrt)

@@ -59,6 +59,16 @@ def activation_scale(lo: float, hi: float, num_bits: int, narrow_range: bool = F
     return np.float64((hi - lo) / (2**num_bits - (2 if narrow_range else 1)))
 
 
+def observed(x):
+    """What a range observer sees of ``x``: its finite values, the rest as 0 (inside
+    every range). A saturating value (``rsqrt`` of a variance the int8 grid rounded to 0
+    is ``inf``; TFLite's kernel writes the top of the output range) clips to the range
+    the observer learns from the others, as in the int8 kernel, instead of widening it
+    to infinity."""
+    x = tf.stop_gradient(x)
+    return tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))
+
+
 def _unique(layer, name: str) -> str:
     taken = {w.name.split("/")[-1].split(":")[0] for w in layer.weights}
     if name not in taken:
@@ -335,7 +345,7 @@ class _RangeTracker(Quantizer):
     def __call__(self, inputs, training, weights, **kwargs):
         lo_v, hi_v, seen = weights["min"], weights["max"], weights["seen"]
         if training:
-            lo_b, hi_b = self._batch_range(tf.stop_gradient(inputs))
+            lo_b, hi_b = self._batch_range(observed(inputs))
             d = tf.where(seen > 0, self.decay, 0.0)
             lo = lo_v.assign(d * lo_v + (1.0 - d) * tf.minimum(lo_b, 0.0))
             hi = hi_v.assign(d * hi_v + (1.0 - d) * tf.maximum(hi_b, 0.0))
@@ -483,7 +493,7 @@ class PactQuantizer(Quantizer):
     def __call__(self, inputs, training, weights, **kwargs):
         alpha, seen = weights["alpha"], weights["seen"]
         if training:
-            data = tf.reduce_max(tf.abs(tf.stop_gradient(inputs)))
+            data = tf.reduce_max(tf.abs(observed(inputs)))
             init = alpha.assign(tf.where(seen > 0, alpha, tf.maximum(data, 1e-3)))
             with tf.control_dependencies([init]):
                 mark = seen.assign(1.0)
@@ -628,7 +638,7 @@ class LsqQuantizer(Quantizer):
         # tf.cond, not tf.where: the init (a 29-step search for "mse") runs once, not on
         # every training step.
         init = step.assign(tf.cond(seen > 0, lambda: tf.identity(step),
-                                   lambda: self.initial_step(tf.stop_gradient(inputs))))
+                                   lambda: self.initial_step(observed(inputs))))
         with tf.control_dependencies([init]):
             mark = seen.assign(1.0)
         with tf.control_dependencies([mark]):

@@ -18,7 +18,8 @@ def _trained_bn(bn, channels):
 
 
 def zoo() -> keras.Model:
-    """Every rewrite at once: nesting, BN folds, lone BN, Conv1D, separable, TFOpLambda."""
+    """Every rewrite at once: nesting, BN folds, lone BN, Conv1D, separable, TFOpLambda,
+    LayerNormalization."""
     inner_in = keras.Input((8, 8, 4))
     t = L.SeparableConv2D(6, 3, padding="same", use_bias=False)(inner_in)
     t = L.BatchNormalization()(t)
@@ -37,12 +38,15 @@ def zoo() -> keras.Model:
     x = L.BatchNormalization()(x)  # after an Add: a lone BN
     x = L.Reshape((64, 6))(x)
     x = L.Conv1D(5, 3, padding="causal", activation="tanh")(x)
+    x = L.LayerNormalization(epsilon=1e-3)(x)
     x = L.GlobalAveragePooling1D()(x)
     out = L.Dense(3, activation="softmax")(x)
     model = keras.Model(inp, out)
     for layer in model.layers + inner.layers:
         if isinstance(layer, L.BatchNormalization):
             _trained_bn(layer, layer.weights[0].shape[0])
+        if isinstance(layer, L.LayerNormalization):
+            layer.set_weights([RNG.uniform(0.5, 2, 5), RNG.normal(size=5)])
     return model
 
 
@@ -52,7 +56,7 @@ def test_canonical_float_model_has_the_same_function():
     canon, _ = annotate.canonicalize(flat, origin, lambda name: True)
     classes = {type(layer).__name__ for layer in canon.layers}
     assert not classes & {"BatchNormalization", "Conv1D", "SeparableConv2D", "TFOpLambda",
-                          "Functional", "Rescaling", "Dense"}
+                          "Functional", "Rescaling", "Dense", "LayerNormalization"}
     x = RNG.uniform(0, 255, (4, 8, 8, 3)).astype(np.float32)
     np.testing.assert_allclose(canon(x), model(x), atol=2e-5)
 
@@ -165,6 +169,8 @@ def _affine_model() -> keras.Model:
     for layer in model.layers:
         if isinstance(layer, L.BatchNormalization):
             _trained_bn(layer, layer.weights[0].shape[0])
+        if isinstance(layer, L.LayerNormalization):
+            layer.set_weights([RNG.uniform(0.5, 2, 5), RNG.normal(size=5)])
     return model
 
 
@@ -221,3 +227,73 @@ def test_depthwise_weights_per_channel_by_default(weights):
                                rtol=1e-6)
     assert len(scales) == (12 if weights == "per_channel" else 1)
     assert output_steps(qat, flat, x)[0].max() <= 1
+
+
+@pytest.mark.slow
+def test_layer_norm_becomes_cheap_int8_steps_each_simulated():
+    """A LayerNormalization (ConvNeXt's, on image channels and on pooled features) is
+    written out as MEAN, SUB, MUL, MEAN, ADD, RSQRT, MUL and its affine: no
+    SQUARED_DIFFERENCE (no int8 kernel in XNNPACK; 150x its float time), every internal
+    tensor trained and each op within one step of Keras; the float function is kept."""
+    from edgeqat import convert, diagnostics, inspect
+
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(16, 3, padding="same")(inp)
+    x = L.LayerNormalization(epsilon=1e-6)(x)
+    x = L.Dense(32, activation="gelu")(x)
+    x = L.LayerNormalization()(L.GlobalAveragePooling2D()(x))
+    model = keras.Model(inp, L.Dense(4)(x))
+    for layer in model.layers:
+        if isinstance(layer, L.LayerNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights([RNG.uniform(0.5, 2, n), RNG.normal(0, 0.3, n)])
+    x = RNG.normal(size=(32, 8, 8, 3)).astype(np.float32)
+    flat_model, origin = annotate.flatten(model)
+    canon, _ = annotate.canonicalize(flat_model, origin, lambda name: True)
+    assert not any(isinstance(layer, L.LayerNormalization) for layer in canon.layers)
+    np.testing.assert_allclose(canon(x), model(x), atol=1e-4)
+
+    qat = annotate.annotate_model(model, policy.uniform(), sample_x=x)
+    qat.compile(keras.optimizers.Adam(1e-3), keras.losses.MeanSquaredError())
+    assert np.isfinite(qat.fit(x, RNG.normal(size=(32, 4)), epochs=2, verbose=0)
+                       .history["loss"]).all()
+    qat = export.prepare_for_export(qat)
+    flat = convert.to_tflite(qat, "int8", calibration=x, qat=True)
+    ops = [op.name for op in inspect.require_full_integer(flat)]
+    assert "SQUARED_DIFFERENCE" not in ops and "QUANTIZE" not in ops, ops
+    assert ops.count("RSQRT") == 2 and ops.count("MEAN") == 5, ops  # 2 per norm + pooling
+    local = diagnostics.op_agreement(flat, qat, x[:4])
+    checked = {a.op for a in local}
+    assert {"MEAN", "SUB", "MUL", "ADD", "RSQRT"} <= checked, checked
+    worst = max(local, key=lambda a: a.max_steps)
+    assert worst.max_steps <= 1 + 1e-3, worst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("act", ["moving_average", "lsq", "pact", "percentile", "mse"])
+def test_layer_norm_of_a_flat_pixel_saturates_as_tflite_does(act):
+    """A pixel whose channels are all equal has variance 0: ``rsqrt`` of it is ``inf`` in
+    Keras and the top of the output range in TFLite's int8 kernel. Every observer learns
+    its range from the finite values, training stays finite, and Keras and TFLite agree
+    on those pixels too."""
+    from edgeqat import convert, diagnostics
+
+    inp = keras.Input((4, 4, 8))
+    x = L.LayerNormalization(epsilon=1e-6)(L.Conv2D(8, 1)(inp))
+    model = keras.Model(inp, L.Dense(4)(x))
+    x = RNG.normal(size=(16, 4, 4, 8)).astype(np.float32)
+    x[:, :2] = 0.0  # half the pixels flat: the 1x1 conv maps them to its bias
+    model.layers[1].set_weights([model.layers[1].get_weights()[0],
+                                 np.full(8, 0.5, np.float32)])
+    qat = annotate.annotate_model(model, policy.uniform(activation_quantizer=act),
+                                  sample_x=x)
+    qat.compile(keras.optimizers.Adam(1e-3), keras.losses.MeanSquaredError())
+    history = qat.fit(x, RNG.normal(size=(16, 4, 4, 4)), epochs=3, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert all(np.isfinite(w).all() for w in qat.get_weights())
+    qat = export.prepare_for_export(qat)
+    flat = convert.to_tflite(qat, "int8", calibration=x, qat=True)
+    local = diagnostics.op_agreement(flat, qat, x[:4])
+    assert "RSQRT" in {a.op for a in local}
+    worst = max(local, key=lambda a: a.max_steps)
+    assert worst.max_steps <= 1 + 1e-3, worst
