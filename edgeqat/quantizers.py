@@ -28,6 +28,24 @@ from edgeqat.keras import keras, tf, tfmot
 
 _Quantizer = tfmot.quantization.keras.quantizers.Quantizer
 _EPS = 1e-8
+# The converter widens a range narrower than 1e-6 to at least [-5e-7, 5e-7]
+# (``ExpandVerySmallRange``, kNearZeroTolerance in TensorFlow's MLIR quantizer), per channel
+# for weights: a ConvNeXt kernel with LayerScale (1e-6) folded in is stored on that wider
+# grid, so the Keras model quantizes to it too.
+NEAR_ZERO = 1e-6
+SMALLEST_HALF_RANGE = NEAR_ZERO / 2
+
+
+def converter_range(lo, hi):
+    """``[lo, hi]`` as the converter stores it (``ExpandVerySmallRange``); tensors or
+    numbers."""
+    if isinstance(lo, int | float | np.floating) and isinstance(hi, int | float | np.floating):
+        if hi - lo > NEAR_ZERO:
+            return lo, hi
+        return min(lo, -SMALLEST_HALF_RANGE), max(hi, SMALLEST_HALF_RANGE)
+    small = hi - lo <= NEAR_ZERO
+    return (tf.where(small, tf.minimum(lo, -SMALLEST_HALF_RANGE), lo),
+            tf.where(small, tf.maximum(hi, SMALLEST_HALF_RANGE), hi))
 
 
 def fake_quant(x, lo, hi, num_bits: int, narrow_range: bool = False, per_channel: bool = False):
@@ -222,7 +240,8 @@ class PerChannelWeightQuantizer(Quantizer):
             m = tf.reduce_max(tf.abs(x), axis=axes)
         else:
             m = tf.reduce_max(tf.abs(x))
-        m = tf.maximum(tf.stop_gradient(m), _EPS)
+        # Symmetric [-m, m]: the converter's widening of a tiny range is m >= 5e-7.
+        m = tf.maximum(tf.stop_gradient(m), SMALLEST_HALF_RANGE)
         y = fake_quant(x, -m, m, self.num_bits, narrow_range=True,
                        per_channel=self.per_channel)
         return tf.reshape(y, inputs.shape) if flat is not None else y
@@ -234,7 +253,7 @@ class PerChannelWeightQuantizer(Quantizer):
         if flat is not None:
             t = t.reshape(flat)
         axes = tuple(range(t.ndim - 1)) if self.per_channel else None
-        m = np.maximum(np.max(np.abs(t), axis=axes), _EPS)
+        m = np.maximum(np.max(np.abs(t), axis=axes), SMALLEST_HALF_RANGE)
         return m / (2 ** (self.num_bits - 1) - 1)
 
     def get_config(self):
@@ -355,14 +374,13 @@ class _RangeTracker(Quantizer):
                 lo, hi = tf.identity(lo), tf.identity(hi)
         else:
             lo, hi = lo_v, hi_v
-        lo = tf.minimum(lo, 0.0)
-        hi = tf.maximum(hi, lo + _EPS)
+        lo, hi = converter_range(tf.minimum(lo, 0.0), tf.maximum(hi, 0.0))
         return activation_fake_quant(inputs, lo, hi, self.num_bits)
 
     def scale(self, weights, tensor=None):
         """FakeQuant's step for the tracked range."""
-        lo = min(float(weights["min"].numpy()), 0.0)
-        hi = max(float(weights["max"].numpy()), lo + _EPS)
+        lo, hi = converter_range(min(float(weights["min"].numpy()), 0.0),
+                                 max(float(weights["max"].numpy()), 0.0))
         return activation_scale(lo, hi, self.num_bits)
 
     def get_config(self):

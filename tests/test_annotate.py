@@ -297,3 +297,35 @@ def test_layer_norm_of_a_flat_pixel_saturates_as_tflite_does(act):
     assert "RSQRT" in {a.op for a in local}
     worst = max(local, key=lambda a: a.max_steps)
     assert worst.max_steps <= 1 + 1e-3, worst
+
+
+@pytest.mark.slow
+def test_tiny_kernels_are_quantized_on_the_grid_the_converter_stores():
+    """ConvNeXt's LayerScale (1e-6 at initialisation) folded into the convolution before it
+    leaves kernels of ~1e-7: the converter widens a per-channel range under 1e-6 to
+    [-5e-7, 5e-7], so the Keras model quantizes to that grid too (it used its own and
+    was up to 4 steps off on ConvNeXtTiny at 224 px)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgeqat import convert
+
+    inp = keras.Input((6, 6, 16))
+    x = L.Conv2D(8, 1)(inp)
+    model = keras.Model(inp, L.Conv2D(8, 1)(x))
+    conv = model.layers[-1]
+    k, b = conv.get_weights()
+    scale = np.geomspace(1e-7, 1e-5, 8).astype(np.float32)  # channels either side
+    conv.set_weights([k * scale, b + 1e-6 * RNG.normal(size=8)])
+    x = RNG.normal(size=(16, 6, 6, 16)).astype(np.float32)
+    qat = export.prepare_for_export(annotate.annotate_model(model, policy.uniform(),
+                                                            sample_x=x))
+    flat = convert.to_tflite(qat, "int8", calibration=x, qat=True)
+    interp = Interpreter(model_content=flat)
+    last = [op for op in interp._get_ops_details() if op["op_name"] == "CONV_2D"][-1]
+    stored = interp._get_tensor_details(last["inputs"][1], 0)["quantization_parameters"][
+        "scales"]
+    wrapper = qat.layers[-1]
+    kernel, quantizer, qvars = wrapper._weight_vars[0]
+    np.testing.assert_allclose(stored, quantizer.scale(qvars, kernel), rtol=1e-6)
+    assert stored.min() == pytest.approx(5e-7 / 127, rel=1e-6)  # widened channels
+    assert output_steps(qat, flat, x)[0].max() <= 1

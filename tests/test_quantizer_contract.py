@@ -32,10 +32,11 @@ EXAMPLES = {
 CASES = [(name, role, kw) for name, cases in EXAMPLES.items() for role, kw in cases]
 IDS = [f"{name}-{i}" for i, (name, _, _) in enumerate(CASES)]
 # Ops an inference graph may hold besides its one FakeQuant: reading variables and
-# computing the range it is handed (folded to constants by the converter).
+# computing the range it is handed (folded to constants by the converter), including the
+# converter's own widening of a range under 1e-6 (LessEqual, SelectV2: q.converter_range).
 RANGE_OPS = {"Placeholder", "ReadVariableOp", "Identity", "Const", "Abs", "Max", "Min",
              "Maximum", "Minimum", "Neg", "Mul", "AddV2", "Sub", "NoOp", "ZerosLike",
-             "StopGradient"}
+             "StopGradient", "LessEqual", "SelectV2"}
 
 
 def _make(name: str, kw: dict) -> q.Quantizer:
