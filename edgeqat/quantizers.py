@@ -37,12 +37,7 @@ SMALLEST_HALF_RANGE = NEAR_ZERO / 2
 
 
 def converter_range(lo, hi):
-    """``[lo, hi]`` as the converter stores it (``ExpandVerySmallRange``); tensors or
-    numbers."""
-    if isinstance(lo, int | float | np.floating) and isinstance(hi, int | float | np.floating):
-        if hi - lo > NEAR_ZERO:
-            return lo, hi
-        return min(lo, -SMALLEST_HALF_RANGE), max(hi, SMALLEST_HALF_RANGE)
+    """``[lo, hi]`` (tensors) as the converter stores it (``ExpandVerySmallRange``)."""
     small = hi - lo <= NEAR_ZERO
     return (tf.where(small, tf.minimum(lo, -SMALLEST_HALF_RANGE), lo),
             tf.where(small, tf.maximum(hi, SMALLEST_HALF_RANGE), hi))
@@ -379,9 +374,9 @@ class _RangeTracker(Quantizer):
 
     def scale(self, weights, tensor=None):
         """FakeQuant's step for the tracked range."""
-        lo, hi = converter_range(min(float(weights["min"].numpy()), 0.0),
-                                 max(float(weights["max"].numpy()), 0.0))
-        return activation_scale(lo, hi, self.num_bits)
+        lo, hi = converter_range(tf.minimum(weights["min"], 0.0),
+                                 tf.maximum(weights["max"], 0.0))
+        return activation_scale(float(lo), float(hi), self.num_bits)
 
     def get_config(self):
         return {"num_bits": self.num_bits, "decay": self.decay}
