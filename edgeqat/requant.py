@@ -15,7 +15,9 @@ single-layer models run on this x86_64 machine and on an emulated Cortex-A72 (aa
 * ``int16x8``, both: the 16-bit kernels multiply by the multiplier cut to 15 bits
   (``MultiplyByQuantizedMultiplier(int64_t, ...)``), off by up to 2^-16 relative: up to
   half a step at the top of the int16 range.
-* ``int8``: XNNPACK requantizes with one rounding on both; nothing to install.
+* ``int8``: XNNPACK requantizes with one rounding on both; nothing to install. The int8
+  ``BATCH_MATMUL`` (attention in ``edgeqat.lm``), which XNNPACK does not take, rounds
+  twice, ties away from zero (``gemmlowp_rounding``, on both): ``TinyLm.matmul_rule``.
 
 ``install(model, mode, arch)`` puts, on the output quantizer that receives each affected
 layer's result (its own, or that of the ReLU TFLite fuses into it), a step that rounds as
@@ -87,8 +89,60 @@ def multiplier_15bit(acc, q, shift):
     return tf.floor(acc * tf.constant(reduced * 2.0 ** (shift - 15)) + 0.5)
 
 
+def gemmlowp_rounding(acc, q, shift):
+    """TFLite's default ``MultiplyByQuantizedMultiplier(int32 acc, q, shift)``, gemmlowp's
+    two steps in exact int64 ops: ``SaturatingRoundingDoublingHighMul`` (``acc * q`` to
+    Q31, ties away from zero), then ``RoundingDivideByPOT`` by ``2^-shift`` (ties away
+    from zero again). Measured: reproduces every output of the int8 ``BATCH_MATMUL``
+    kernel (LiteRT 2.3) on x86_64 and on an emulated Cortex-A72."""
+    left = max(int(shift), 0)
+    right = max(-int(shift), 0)
+    ab = acc * tf.constant(2**left * int(q), tf.int64)
+    x = ab + tf.where(ab >= 0, tf.constant(2**30, tf.int64), tf.constant(1 - 2**30, tf.int64))
+    high = tf.where(x >= 0, x // 2**31, -((-x) // 2**31))  # division toward zero
+    mask = 2**right - 1
+    threshold = tf.constant(mask >> 1, tf.int64) + tf.cast(high < 0, tf.int64)
+    down = tf.bitwise.right_shift(high, tf.constant(right, tf.int64))
+    rest = tf.bitwise.bitwise_and(high, tf.constant(mask, tf.int64))
+    return down + tf.cast(rest > threshold, tf.int64)
+
+
+def int8_grid(lo: float, hi: float) -> tuple[np.float32, int]:
+    """The int8 scale and zero point the converter gives a FakeQuant range ``[lo, hi]``
+    (``lo <= 0 <= hi``): its nudging (``getNudgedScaleAndZeroPoint``) in double, the scale
+    stored as float32."""
+    scale = (float(hi) - float(lo)) / 255.0
+    zero = min(max(-float(lo) / scale, 0.0), 255.0)
+    return np.float32(scale), int(np.floor(zero + 0.5)) - 128
+
+
+def integer_matmul(a, b, grids, rule: str, transpose_b: bool = False):
+    """``a @ b`` of two fake-quantized tensors as TFLite's int8 ``BATCH_MATMUL`` computes
+    it: the exact integer accumulation, requantized by ``RULES[rule]`` onto the output
+    grid and clamped to int8, returned dequantized (float32). ``grids``: the (scale, zero
+    point) of ``a``, ``b`` and the output (``int8_grid``)."""
+    (sa, _), (sb, _), (so, zo) = grids
+    ia = tf.round(tf.cast(a, tf.float64) / float(sa))  # centred integers, exact
+    ib = tf.round(tf.cast(b, tf.float64) / float(sb))
+    acc = tf.cast(tf.matmul(ia, ib, transpose_b=transpose_b), tf.int64)  # exact: < 2^53
+    q, shift = quantize_multiplier(_f32(sa) * _f32(sb) / _f32(so))
+    out = tf.clip_by_value(RULES[rule](acc, int(q), int(shift)) + zo, -128, 127) - zo
+    return tf.cast(tf.cast(out, tf.float64) * float(so), tf.float32)
+
+
 RULES = {"double_rounding": double_rounding, "single_rounding": single_rounding,
-         "multiplier_15bit": multiplier_15bit}
+         "multiplier_15bit": multiplier_15bit, "gemmlowp_rounding": gemmlowp_rounding}
+
+# The int8 BATCH_MATMUL kernel's rounding per architecture, as measured (LiteRT 2.3: the
+# builtin kernel on x86_64, and on an emulated Cortex-A72, every output of a TinyLm's
+# attention products); elsewhere the float graph's single rounding.
+BATCH_MATMUL_ROUNDING = {"x86_64": "gemmlowp_rounding", "aarch64": "gemmlowp_rounding"}
+
+
+def batch_matmul_rule(arch: str | None = None) -> str | None:
+    """The ``RULES`` entry the int8 ``BATCH_MATMUL`` kernel on ``arch`` (default: this
+    machine) follows."""
+    return BATCH_MATMUL_ROUNDING.get(normalize_arch(arch or host_arch()))
 
 
 class KernelRounding(hooks.Hook):

@@ -197,3 +197,70 @@ def test_w4a8_stores_packed_int4_kernels_and_matches_its_keras_model():
     raw = np.stack([prefill(tokens=w[None, :16])["logits"][0] for w in windows[:8]])
     got = evaluate.step_agreement(evaluate.to_steps(keras, scale, zero), raw)
     assert got["logits_within"] >= 0.99, got
+
+
+def test_gemmlowp_rounding_sends_ties_away_from_zero():
+    """TFLite's default ``MultiplyByQuantizedMultiplier`` at M = 0.25 (q = 2^30, shift
+    -1) takes -0.5 to -1 and -1.5 to -2 (ties away from zero), and 0.25 to 1 (0.25 * 2
+    rounds to 1, then 1 / 2 rounds up to 1), where one half-up rounding gives 0, -1, 0."""
+    from edgeqat import requant
+    from edgeqat.keras import tf
+
+    acc = tf.constant([-6, -2, -1, 1, 2, 6, 7], tf.int64)
+    got = requant.gemmlowp_rounding(acc, 2**30, -1).numpy()
+    assert got.tolist() == [-2, -1, 0, 1, 1, 2, 2]
+    assert requant.single_rounding(acc, 2**30, -1).numpy().tolist() == [-1, 0, 0, 0, 1, 2, 2]
+
+
+def test_attention_products_round_as_the_batch_matmul_kernel():
+    """Each int8 BATCH_MATMUL of a prefill, fed its own TFLite inputs, is reproduced
+    bit for bit by ``requant.integer_matmul`` at the grids the Keras model derives from its
+    ranges (``int8_grid``, the converter's nudging), and those grids are the flatbuffer's."""
+    from ai_edge_litert.interpreter import Interpreter
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    from edgeqat import inspect, requant
+    from edgeqat.lm import export, train
+    from edgeqat.lm.model import SOFTMAX_RANGE, LmShape, TinyLm
+
+    windows = text.load_text(None, 32).train[::20]
+    shape = LmShape(context=32, dim=32, layers=1, heads=2)
+    float_model = TinyLm(shape)
+    train.pretrain(float_model, windows, train.Schedule(40, 32, 3e-3, warmup=4), 0)
+    model = train.copy_of(float_model)
+    train.calibrate(model, windows, batches=2, batch_size=8)
+    tflite = export.to_tflite(model, "full_integer", windows)
+    model.frozen = model.freeze()
+    expected = [(("0.q", "0.k", "0.score"), True), ((SOFTMAX_RANGE, "0.v", "0.attn"), False)]
+    grids = [[requant.int8_grid(*(model.bounds(n) if isinstance(n, str) else n)) for n in names]
+             for names, _ in expected]
+
+    m = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(tflite, 0))
+    g = {s.signatureKey.decode(): s.subgraphIndex for s in m.signatureDefs}["prefill"]
+    sub = m.subgraphs[g]
+    names = inspect.schema_names(schema.BuiltinOperator)
+    matmuls = [op for op in sub.operators if names[inspect.builtin_code(m, op)] == "BATCH_MATMUL"]
+    assert len(matmuls) == 2
+    for op, grid, (_, adjoint) in zip(matmuls, grids, expected, strict=True):
+        stored = [sub.tensors[t].quantization for t in (*op.inputs[:2], op.outputs[0])]
+        assert [(np.float32(s.scale[0]), int(s.zeroPoint[0])) for s in stored] == grid
+        assert bool(op.builtinOptions.adjY) == adjoint
+
+    it = Interpreter(model_content=tflite, experimental_preserve_all_tensors=True)
+    prefill = it.get_signature_runner("prefill")
+    moved = checked = 0
+    for w in windows[:6]:
+        prefill(tokens=w[None, :32])
+        for op, grid, (_, adjoint) in zip(matmuls, grids, expected, strict=True):
+            a, b, out = (it.get_tensor(int(t), g).astype(np.int64)
+                         for t in (*op.inputs[:2], op.outputs[0]))
+            (sa, za), (sb, zb), (so, zo) = grid
+            got = requant.integer_matmul((a - za) * sa, (b - zb) * sb, grid,
+                                         "gemmlowp_rounding", transpose_b=adjoint).numpy()
+            np.testing.assert_array_equal(np.round(got / so) + zo, out)
+            one = np.floor(((a - za) @ np.swapaxes(b - zb, -1, -2) if adjoint else
+                            (a - za) @ (b - zb)) * (np.float64(sa) * sb / so) + 0.5)
+            moved += int((np.clip(one + zo, -128, 127) != out).sum())
+            checked += out.size
+    # The kernel's second rounding is not the float graph's: some outputs differ by a step.
+    assert checked == 6 * (2 * 32 * 32 + 2 * 32 * 16) and moved > 0, moved

@@ -64,8 +64,8 @@ def to_tflite(model: TinyLm, mode: str, windows=None) -> bytes:
     if (mode == "full_integer") != model.quantized:
         need = "quantized" if mode == "full_integer" else "float"
         raise ValueError(f"mode {mode!r} needs a {need} TinyLm")
-    was = model.frozen
-    model.frozen = model.freeze()
+    was, rule = model.frozen, model.matmul_rule
+    model.frozen, model.matmul_rule = model.freeze(), None  # the graph TFLite rounds
     try:
         with tempfile.TemporaryDirectory(prefix="edgeqat-lm-") as tmp:
             tf.saved_model.save(model, tmp, signatures=signatures(model))
@@ -83,4 +83,4 @@ def to_tflite(model: TinyLm, mode: str, windows=None) -> bytes:
                 converter.representative_dataset = _calibration(model, windows)
             return run_converter(converter)
     finally:
-        model.frozen = was
+        model.frozen, model.matmul_rule = was, rule

@@ -21,6 +21,7 @@ import numpy as np
 from edgeqat.config import DeviceConfig, PipelineConfig
 from edgeqat.errors import UserError
 from edgeqat.lm import evaluate, text
+from edgeqat.validate import target_arch
 
 SPEED_THREADS = (1, 2)
 
@@ -75,19 +76,24 @@ def _npz_bytes(state: dict) -> bytes:
     return buf.getvalue()
 
 
-def keras_logits(model, windows: np.ndarray, context: int, batch: int = 16) -> np.ndarray:
+def keras_logits(model, windows: np.ndarray, context: int, batch: int = 16,
+                 arch: str | None = None) -> np.ndarray:
     """Teacher-forced logits of the TensorFlow model (a quantized one with its ranges
-    frozen, as exported)."""
+    frozen, as exported, and its attention products rounded as the int8 kernel on
+    ``arch`` rounds them; default: this machine's)."""
+    from edgeqat import requant
     from edgeqat.keras import tf
 
     if model.quantized:
         model.frozen = model.freeze()
+        model.matmul_rule = requant.batch_matmul_rule(arch)
     try:
         fn = tf.function(lambda x: model(x))
         return np.concatenate([fn(tf.constant(windows[i:i + batch, :context])).numpy()
                                for i in range(0, len(windows), batch)])
     finally:
         model.frozen = None
+        model.matmul_rule = None
 
 
 @dataclass(frozen=True)
@@ -195,9 +201,10 @@ def run(cfg: PipelineConfig, device: DeviceConfig, stage):
         tflites[q.name] = q.tflite
     with stage("validate"):
         test = data.test[: lm.eval_windows]
+        arch = target_arch(device)
         host = {"float": keras_logits(float_model, test, shape.context),
-                ptq.ptq_name: keras_logits(ptq.ptq_model, test, shape.context),
-                q.name: keras_logits(q.model, test, shape.context)}
+                ptq.ptq_name: keras_logits(ptq.ptq_model, test, shape.context, arch=arch),
+                q.name: keras_logits(q.model, test, shape.context, arch=arch)}
         runs, host_runs = _run_models(device, tflites, test, lm, q.name)
         kernels = kernel_agreement(q.tflite, test, shape.context)
     tf.keras.backend.clear_session()

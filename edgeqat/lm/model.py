@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeqat import requant
 from edgeqat.keras import tf
 
 NORM_RANGE = (-1.0, 127.0 / 128.0)  # TFLite int8 L2_NORMALIZATION output: 1/128, zp 0
@@ -151,6 +152,9 @@ class TinyLm(tf.Module):
         self.quantized = False
         self.penalties: list = []  # the score penalties of the last call (training)
         self.frozen = None  # name -> (lo, hi) while tracing the export signatures
+        # The ``requant.RULES`` entry the target's int8 BATCH_MATMUL kernel rounds by
+        # (``matmul_rule_for``); with ``frozen`` ranges only, never while exporting.
+        self.matmul_rule = None
 
     # ------------------------------------------------------------------ parameters
 
@@ -255,6 +259,16 @@ class TinyLm(tf.Module):
         hi = tf.maximum(hi, lo + 1e-3)
         return tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8)
 
+    def _matmul(self, a, b, names, transpose_b=False):
+        """``a @ b``; with ``matmul_rule`` set, rounded as TFLite's kernel rounds it.
+        ``names``: the quantization points (or fixed ranges) of ``a``, ``b`` and the
+        output."""
+        if not (self.frozen and self.matmul_rule):
+            return tf.matmul(a, b, transpose_b=transpose_b)
+        grids = [requant.int8_grid(*(self.bounds(n) if isinstance(n, str) else n))
+                 for n in names]
+        return requant.integer_matmul(a, b, grids, self.matmul_rule, transpose_b)
+
     def q_fixed(self, x, bounds):
         if not self.quantized:
             return x
@@ -292,7 +306,7 @@ class TinyLm(tf.Module):
     def attend(self, i, x, q, k, v, mask):
         """The rest of block ``i``: attention of ``q`` over ``k``/``v`` where ``mask``
         (broadcast to [B, H, Tq, Tk]) is true, then the MLP."""
-        s = tf.matmul(q, k, transpose_b=True)
+        s = self._matmul(q, k, (f"{i}.q", f"{i}.k", f"{i}.score"), transpose_b=True)
         # Scores beyond +-score_cap cost a penalty in training (``score_penalty``): sharp
         # attention needs a wide int8 score grid, and one step of a wide grid moves a
         # softmax output by many of its steps.
@@ -300,7 +314,7 @@ class TinyLm(tf.Module):
         self.penalties.append(tf.reduce_mean(tf.square(over)))
         s = self.q(f"{i}.score", tf.where(mask, s, MASKED), observed=tf.where(mask, s, 0.0))
         p = self.q_fixed(tf.nn.softmax(s, axis=-1), SOFTMAX_RANGE)
-        a = self.q(f"{i}.attn", tf.matmul(p, v))
+        a = self.q(f"{i}.attn", self._matmul(p, v, (SOFTMAX_RANGE, f"{i}.v", f"{i}.attn")))
         a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [-1, tf.shape(a)[2], self.shape.dim])
         x = self.q(f"{i}.res1", x + self.q(f"{i}.o", self._linear(a, f"{i}.wo")))
         h = self.q(f"{i}.mlp", tf.nn.relu(self._linear(self._norm(x), f"{i}.wup")))
