@@ -16,8 +16,10 @@ single-layer models run on this x86_64 machine and on an emulated Cortex-A72 (aa
   (``MultiplyByQuantizedMultiplier(int64_t, ...)``), off by up to 2^-16 relative: up to
   half a step at the top of the int16 range.
 * ``int8``: XNNPACK requantizes with one rounding on both; nothing to install. The int8
-  ``BATCH_MATMUL`` (attention in ``edgeqat.lm``), which XNNPACK does not take, rounds
-  twice, ties away from zero (``gemmlowp_rounding``, on both): ``TinyLm.matmul_rule``.
+  ``BATCH_MATMUL`` (attention in ``edgeqat.lm``) is XNNPACK's only when its right
+  operand's zero point is 0 (``xnnpack_fp32``); the builtin kernel rounds twice, ties
+  away from zero (``gemmlowp_rounding``), on both: ``batch_matmul_rule``,
+  ``TinyLm.as_exported``.
 
 ``install(model, mode, arch)`` puts, on the output quantizer that receives each affected
 layer's result (its own, or that of the ReLU TFLite fuses into it), a step that rounds as
@@ -53,7 +55,7 @@ def quantize_multiplier(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(tiny, 0, q), np.where(tiny, 0, shift)
 
 
-def _f32(x) -> np.ndarray:
+def widened(x) -> np.ndarray:
     """The float32 value TFLite stores, widened back (its kernels compute M in double)."""
     return np.asarray(x, np.float32).astype(np.float64)
 
@@ -95,8 +97,8 @@ def gemmlowp_rounding(acc, q, shift):
     Q31, ties away from zero), then ``RoundingDivideByPOT`` by ``2^-shift`` (ties away
     from zero again). Measured: reproduces every output of the int8 ``BATCH_MATMUL``
     kernel (LiteRT 2.3) on x86_64 and on an emulated Cortex-A72."""
-    left = max(int(shift), 0)
-    right = max(-int(shift), 0)
+    shift = int(shift)  # one multiplier: BATCH_MATMUL is per tensor
+    left, right = max(shift, 0), max(-shift, 0)
     ab = acc * tf.constant(2**left * int(q), tf.int64)
     x = ab + tf.where(ab >= 0, tf.constant(2**30, tf.int64), tf.constant(1 - 2**30, tf.int64))
     high = tf.where(x >= 0, x // 2**31, -((-x) // 2**31))  # division toward zero
@@ -105,6 +107,14 @@ def gemmlowp_rounding(acc, q, shift):
     down = tf.bitwise.right_shift(high, tf.constant(right, tf.int64))
     rest = tf.bitwise.bitwise_and(high, tf.constant(mask, tf.int64))
     return down + tf.cast(rest > threshold, tf.int64)
+
+
+def xnnpack_fp32(acc, scale: np.float32):
+    """XNNPACK's int8 requantization ("fp32"): ``float32(acc) * scale`` in float32 (the
+    scale ``s_a * s_b / s_out`` computed in float32), rounded half to even. Measured:
+    every output of an XNNPACK-delegated int8 BATCH_MATMUL, x86_64 and emulated
+    Cortex-A72."""
+    return tf.cast(tf.round(tf.cast(acc, tf.float32) * scale), tf.int64)
 
 
 def int8_grid(lo: float, hi: float) -> tuple[np.float32, int]:
@@ -116,33 +126,55 @@ def int8_grid(lo: float, hi: float) -> tuple[np.float32, int]:
     return np.float32(scale), int(np.floor(zero + 0.5)) - 128
 
 
+def requantize(acc, grid, out_grid, rule: str):
+    """An int64 accumulator on step ``grid`` (``s_in * s_w``: a number, or one per
+    last-axis channel) rounded by ``RULES[rule]`` onto the int8 ``out_grid`` (scale, zero
+    point), clamped as the kernel clamps, and returned dequantized (float32)."""
+    so, zo = out_grid
+    if rule == "xnnpack_fp32":
+        rounded = xnnpack_fp32(acc, np.float32(np.float32(grid) / np.float32(so)))
+    else:
+        q, shift = quantize_multiplier(np.asarray(grid, np.float64) / widened(so))
+        rounded = RULES[rule](acc, q, shift)
+    out = tf.clip_by_value(rounded + zo, -128, 127) - zo
+    return tf.cast(tf.cast(out, tf.float64) * float(so), tf.float32)
+
+
+def centred(x, scale):
+    """A fake-quantized tensor as the integers it holds, less the zero point (float64,
+    exact)."""
+    return tf.round(tf.cast(x, tf.float64) / float(scale))
+
+
 def integer_matmul(a, b, grids, rule: str, transpose_b: bool = False):
     """``a @ b`` of two fake-quantized tensors as TFLite's int8 ``BATCH_MATMUL`` computes
-    it: the exact integer accumulation, requantized by ``RULES[rule]`` onto the output
-    grid and clamped to int8, returned dequantized (float32). ``grids``: the (scale, zero
-    point) of ``a``, ``b`` and the output (``int8_grid``)."""
-    (sa, _), (sb, _), (so, zo) = grids
-    ia = tf.round(tf.cast(a, tf.float64) / float(sa))  # centred integers, exact
-    ib = tf.round(tf.cast(b, tf.float64) / float(sb))
-    acc = tf.cast(tf.matmul(ia, ib, transpose_b=transpose_b), tf.int64)  # exact: < 2^53
-    q, shift = quantize_multiplier(_f32(sa) * _f32(sb) / _f32(so))
-    out = tf.clip_by_value(RULES[rule](acc, int(q), int(shift)) + zo, -128, 127) - zo
-    return tf.cast(tf.cast(out, tf.float64) * float(so), tf.float32)
+    it: the exact integer accumulation, requantized by ``RULES[rule]``. ``grids``: the
+    (scale, zero point) of ``a``, ``b`` and the output (``int8_grid``)."""
+    (sa, _), (sb, _), out = grids
+    acc = tf.matmul(centred(a, sa), centred(b, sb), transpose_b=transpose_b)  # < 2^53
+    return requantize(tf.cast(acc, tf.int64), widened(sa) * widened(sb), out, rule)
 
 
 RULES = {"double_rounding": double_rounding, "single_rounding": single_rounding,
          "multiplier_15bit": multiplier_15bit, "gemmlowp_rounding": gemmlowp_rounding}
 
-# The int8 BATCH_MATMUL kernel's rounding per architecture, as measured (LiteRT 2.3: the
-# builtin kernel on x86_64, and on an emulated Cortex-A72, every output of a TinyLm's
-# attention products); elsewhere the float graph's single rounding.
-BATCH_MATMUL_ROUNDING = {"x86_64": "gemmlowp_rounding", "aarch64": "gemmlowp_rounding"}
+# Where an int8 BATCH_MATMUL runs, as measured with LiteRT 2.3 and its default XNNPACK
+# delegate (one-op models over every zero-point case, and a TinyLm's attention, on
+# x86_64 and an emulated Cortex-A72, bit for bit): XNNPACK takes it when the right-hand
+# operand's zero point is 0 (its int8 batch matmul wants a symmetric right operand) and
+# rounds once in float32; otherwise the builtin kernel rounds twice (gemmlowp).
+BATCH_MATMUL_ARCHS = ("x86_64", "aarch64")
 
 
-def batch_matmul_rule(arch: str | None = None) -> str | None:
-    """The ``RULES`` entry the int8 ``BATCH_MATMUL`` kernel on ``arch`` (default: this
-    machine) follows."""
-    return BATCH_MATMUL_ROUNDING.get(normalize_arch(arch or host_arch()))
+def batch_matmul_rule(arch: str | None, rhs_zero_point: int, xnnpack: bool = True
+                      ) -> str | None:
+    """How the int8 ``BATCH_MATMUL`` with that right-hand zero point rounds on ``arch``
+    (default: this machine), with LiteRT's default XNNPACK delegate or without:
+    ``xnnpack_fp32`` or a ``RULES`` entry; None where not measured (the float graph's
+    single rounding)."""
+    if normalize_arch(arch or host_arch()) not in BATCH_MATMUL_ARCHS:
+        return None
+    return "xnnpack_fp32" if xnnpack and rhs_zero_point == 0 else "gemmlowp_rounding"
 
 
 class KernelRounding(hooks.Hook):
@@ -158,7 +190,7 @@ class KernelRounding(hooks.Hook):
         self.rule = rule
         self.grid = np.asarray(grid, np.float64)
         self.out_scale = float(scale)
-        m = self.grid / _f32(scale)  # TFLite: double(s_in) * double(s_w) / double(s_out)
+        m = self.grid / widened(scale)  # TFLite: double(s_in) * double(s_w) / double(s_out)
         self.q, self.shift = quantize_multiplier(m)
 
     def call(self, inputs, training, weights, **kwargs):
@@ -267,7 +299,7 @@ def install(model: keras.Model, mode: str, arch: str | None = None) -> list[str]
             continue
         oq = site._output_quantizers[0]
         s_w = np.asarray(wq.scale(wvars, kernel), np.float64).reshape(-1)
-        grid = _f32(s_in) * _f32(s_w)
+        grid = widened(s_in) * widened(s_w)
         s_out = oq.scale(site._output_quantizer_vars)
         hooks.install(hooks.Slot(site, "output"),
                       KernelRounding(oq, rule, grid if grid.size > 1 else grid[0], s_out))

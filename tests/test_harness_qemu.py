@@ -103,3 +103,54 @@ def test_int4_kernels_round_per_cpu_and_keras_follows_each(sysroot, tmp_path):
         assert steps.max() < 1e-3, (arch, steps.max())  # bit-exact on each CPU
     if requant.host_arch() == "x86_64":
         assert compare_runs(runs["x86_64"], runs["aarch64"]).max_abs_steps >= 1
+
+
+PI_BATCH_MATMUL = """
+import sys, numpy as np
+from ai_edge_litert.interpreter import Interpreter
+work = sys.argv[1]
+for n in range(int(sys.argv[2])):
+    it = Interpreter(model_path=f"{work}/m{n}.tflite", num_threads=1)
+    it.allocate_tensors()
+    inputs = np.load(f"{work}/in{n}.npz")
+    for j, d in enumerate(it.get_input_details()):
+        it.set_tensor(d["index"], inputs[f"x{j}"])
+    it.invoke()
+    np.save(f"{work}/out{n}.npy", it.get_tensor(it.get_output_details()[0]["index"]))
+"""
+
+
+def test_int8_batch_matmul_rounds_on_the_pi_as_requant_says(sysroot, tmp_path):
+    """The emulated Cortex-A72 runs int8 BATCH_MATMUL as x86_64 does (XNNPACK's float32
+    rounding where the right operand's zero point is 0, gemmlowp's two roundings
+    elsewhere): ``requant.integer_matmul`` with ``batch_matmul_rule("aarch64", ...)``
+    gives its outputs bit for bit."""
+    import subprocess
+
+    import numpy as np
+
+    from tests.test_requant import (
+        BATCH_MATMUL_CASES,
+        batch_matmul_inputs,
+        expected_batch_matmul,
+        one_batch_matmul,
+    )
+
+    cases = []
+    for n, (rhs_range, transpose_b) in enumerate(BATCH_MATMUL_CASES):
+        flat = one_batch_matmul(rhs_range, transpose_b)
+        inputs = batch_matmul_inputs(flat, seed=n)
+        (tmp_path / f"m{n}.tflite").write_bytes(flat)
+        np.savez(tmp_path / f"in{n}.npz", **{f"x{j}": x for j, x in enumerate(inputs)})
+        cases.append((flat, inputs, transpose_b))
+    (tmp_path / "run.py").write_text(PI_BATCH_MATMUL)
+    p = subprocess.run(qemu.command(sysroot, [str(tmp_path / "run.py"), str(tmp_path),
+                                              str(len(cases))]),
+                       env=qemu.environment(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    zeros = set()
+    for n, (flat, inputs, transpose_b) in enumerate(cases):
+        want, rhs_zero = expected_batch_matmul(flat, inputs, transpose_b, "aarch64")
+        np.testing.assert_array_equal(want, np.load(tmp_path / f"out{n}.npy"))
+        zeros.add(rhs_zero == 0)
+    assert zeros == {True, False}  # both kernels were exercised

@@ -28,6 +28,104 @@ def test_double_rounding_golden():
     assert single.tolist() == [-1, 0, 0, 1, 1]
 
 
+def test_gemmlowp_rounding_golden():
+    # TFLite's default MultiplyByQuantizedMultiplier at M = 0.25 (q = 2^30, shift -1):
+    # -0.5 -> -1 and -1.5 -> -2 (ties away from zero), and 0.25 -> 1 (0.25 * 2 rounds to
+    # 1, then 1 / 2 rounds up), where one half-up rounding gives 0, -1 and 0.
+    acc = tf.constant([-6, -2, -1, 1, 2, 6, 7], tf.int64)
+    assert requant.gemmlowp_rounding(acc, 2**30, -1).numpy().tolist() == [-2, -1, 0, 1, 1, 2, 2]
+    assert requant.single_rounding(acc, 2**30, -1).numpy().tolist() == [-1, 0, 0, 0, 1, 2, 2]
+    # XNNPACK's float32 rounding: ties to even.
+    assert requant.xnnpack_fp32(tf.constant([-6, -2, 2, 6], tf.int64),
+                                np.float32(0.25)).numpy().tolist() == [-2, 0, 0, 2]
+
+
+T, K = 48, 32
+
+
+def one_batch_matmul(rhs_range: tuple[float, float], transpose_b: bool) -> bytes:
+    """A full-integer model of one BATCH_MATMUL between two int8 inputs, the right one
+    quantized to ``rhs_range``."""
+    shapes = ([1, 2, T, K], [1, 2, T, K]) if transpose_b else ([1, 2, T, T], [1, 2, T, K])
+
+    @tf.function(input_signature=[tf.TensorSpec(s) for s in shapes])
+    def f(a, b):
+        a = tf.quantization.fake_quant_with_min_max_vars(a, -0.7, 1.3)
+        b = tf.quantization.fake_quant_with_min_max_vars(b, *rhs_range)
+        return tf.quantization.fake_quant_with_min_max_vars(
+            tf.matmul(a, b, transpose_b=transpose_b), -3.0, 4.0)
+
+    rng = np.random.default_rng(0)
+    c = tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()], f)
+    c.optimizations = [tf.lite.Optimize.DEFAULT]
+    c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    c.inference_input_type = c.inference_output_type = tf.int8
+    c.representative_dataset = lambda: ([rng.uniform(-1, 1, s).astype(np.float32)
+                                         for s in shapes] for _ in range(2))
+    return c.convert()
+
+
+BATCH_MATMUL_CASES = [(rhs, tb) for rhs in ((-1.0, 127 / 128), (-0.7, 1.3)) for tb in (True, False)]
+
+
+def batch_matmul_inputs(flat: bytes, seed: int = 0) -> list[np.ndarray]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    rng = np.random.default_rng(seed)
+    ins = Interpreter(model_content=flat).get_input_details()
+    return [rng.integers(-128, 128, d["shape"]).astype(np.int8) for d in ins]
+
+
+def expected_batch_matmul(flat: bytes, inputs, transpose_b: bool, arch, xnnpack=True):
+    """What ``requant`` says the kernel outputs (int8) for those int8 inputs."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=flat)
+    grids = [tuple(d["quantization"]) for d in (*it.get_input_details(),
+                                                it.get_output_details()[0])]
+    grids = [(np.float32(s), int(z)) for s, z in grids]
+    a, b = ((x.astype(np.float64) - z) * s for x, (s, z) in zip(inputs, grids, strict=False))
+    rule = requant.batch_matmul_rule(arch, grids[1][1], xnnpack=xnnpack)
+    out = requant.integer_matmul(a, b, grids, rule, transpose_b).numpy()
+    return np.round(out / grids[2][0]).astype(np.int64) + grids[2][1], grids[1][1]
+
+
+def test_int8_batch_matmul_is_bit_exact():
+    """The right operand's zero point decides the kernel: 0 -> XNNPACK (one float32
+    rounding), else the builtin one (gemmlowp's two); without the default delegates always
+    the builtin one. ``integer_matmul`` reproduces each bit for bit, where the float
+    graph's single rounding is a step off on some outputs."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    moved = {}
+    for rhs_range, transpose_b in BATCH_MATMUL_CASES:
+        flat = one_batch_matmul(rhs_range, transpose_b)
+        for resolver in (OpResolverType.AUTO,
+                         OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES):
+            it = Interpreter(model_content=flat, experimental_op_resolver_type=resolver)
+            it.allocate_tensors()
+            (s_a, z_a), (s_b, z_b) = (d["quantization"] for d in it.get_input_details())
+            s_o, z_o = it.get_output_details()[0]["quantization"]
+            assert (z_b == 0) == (rhs_range[0] == -1.0)
+            xnnpack = resolver == OpResolverType.AUTO
+            rule = requant.batch_matmul_rule(requant.host_arch(), z_b, xnnpack=xnnpack)
+            for seed in range(4):
+                inputs = batch_matmul_inputs(flat, seed)
+                for d, x in zip(it.get_input_details(), inputs, strict=True):
+                    it.set_tensor(d["index"], x)
+                it.invoke()
+                got = it.get_tensor(it.get_output_details()[0]["index"]).astype(np.int64)
+                want, _ = expected_batch_matmul(flat, inputs, transpose_b,
+                                                requant.host_arch(), xnnpack=xnnpack)
+                np.testing.assert_array_equal(want, got, err_msg=f"{rhs_range} {rule}")
+                a, b = inputs[0].astype(np.int64) - z_a, inputs[1].astype(np.int64) - z_b
+                acc = a @ (np.swapaxes(b, -1, -2) if transpose_b else b)
+                once = np.floor(acc * (np.float64(s_a) * s_b / s_o) + 0.5) + z_o
+                moved[rule] = moved.get(rule, 0) + int((np.clip(once, -128, 127) != got).sum())
+    assert set(moved) == {"xnnpack_fp32", "gemmlowp_rounding"}
+    assert moved["gemmlowp_rounding"] > 0, moved
+
+
 def test_multiplier_15bit_golden():
     # M = 1/3 (Q31 0x55555555, shift -1); the 16x8 kernels keep 15 bits of it (0x5555),
     # so 196608 * M gives 65535, not 65536, and 3 gives 1 (0.99998 + 0.5 floors to 1).

@@ -64,23 +64,18 @@ def to_tflite(model: TinyLm, mode: str, windows=None) -> bytes:
     if (mode == "full_integer") != model.quantized:
         need = "quantized" if mode == "full_integer" else "float"
         raise ValueError(f"mode {mode!r} needs a {need} TinyLm")
-    was, rule = model.frozen, model.matmul_rule
-    model.frozen, model.matmul_rule = model.freeze(), None  # the graph TFLite rounds
-    try:
-        with tempfile.TemporaryDirectory(prefix="edgeqat-lm-") as tmp:
-            tf.saved_model.save(model, tmp, signatures=signatures(model))
-            converter = tf.lite.TFLiteConverter.from_saved_model(
-                tmp, signature_keys=["prefill", "decode"])
-            if mode != "float":
-                converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            if mode == "full_integer":
-                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-                converter.inference_input_type = tf.int8
-                converter.inference_output_type = tf.int8
-                # 4-bit FakeQuant kernels are stored packed INT4 as they are; the
-                # converter's low-bit QAT path would refuse the GATHERs ("params and
-                # output must have same element type").
-                converter.representative_dataset = _calibration(model, windows)
-            return run_converter(converter)
-    finally:
-        model.frozen, model.matmul_rule = was, rule
+    with model.as_exported(), tempfile.TemporaryDirectory(prefix="edgeqat-lm-") as tmp:
+        tf.saved_model.save(model, tmp, signatures=signatures(model))
+        converter = tf.lite.TFLiteConverter.from_saved_model(
+            tmp, signature_keys=["prefill", "decode"])
+        if mode != "float":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if mode == "full_integer":
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
+            # 4-bit FakeQuant kernels are stored packed INT4 as they are; the
+            # converter's low-bit QAT path would refuse the GATHERs ("params and
+            # output must have same element type").
+            converter.representative_dataset = _calibration(model, windows)
+        return run_converter(converter)

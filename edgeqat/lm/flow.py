@@ -10,6 +10,7 @@ the configuration and the report).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import tempfile
@@ -78,22 +79,17 @@ def _npz_bytes(state: dict) -> bytes:
 
 def keras_logits(model, windows: np.ndarray, context: int, batch: int = 16,
                  arch: str | None = None) -> np.ndarray:
-    """Teacher-forced logits of the TensorFlow model (a quantized one with its ranges
-    frozen, as exported, and its attention products rounded as the int8 kernel on
-    ``arch`` rounds them; default: this machine's)."""
+    """Teacher-forced logits of the TensorFlow model: a quantized one as exported and
+    rounding as TFLite's kernels on ``arch`` do (default: this machine's;
+    ``TinyLm.as_exported``)."""
     from edgeqat import requant
     from edgeqat.keras import tf
 
-    if model.quantized:
-        model.frozen = model.freeze()
-        model.matmul_rule = requant.batch_matmul_rule(arch)
-    try:
+    with (model.as_exported(arch or requant.host_arch()) if model.quantized
+          else contextlib.nullcontext()):
         fn = tf.function(lambda x: model(x))
         return np.concatenate([fn(tf.constant(windows[i:i + batch, :context])).numpy()
                                for i in range(0, len(windows), batch)])
-    finally:
-        model.frozen = None
-        model.matmul_rule = None
 
 
 @dataclass(frozen=True)

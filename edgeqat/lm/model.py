@@ -28,10 +28,17 @@ int4 kernels, packed).
 Ranges: weights per output channel, ``clip * max|W|`` (``clip`` trained, 1 at 8 bits, the
 least-squares ratio at 4); activations observed (min/max calibration, then a moving
 average during QAT, then frozen) or fixed where TFLite fixes them.
+
+What is left is how TFLite's kernels round: ``as_exported(arch)`` makes the attention
+products (int8 BATCH_MATMUL: XNNPACK's float32 rounding or the builtin kernel's two
+roundings, by the right operand's zero point) and the int4 projections round as they do
+on that CPU (``edgeqat.requant``), in integers; training and the export keep the float
+graph.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -39,6 +46,7 @@ import numpy as np
 
 from edgeqat import requant
 from edgeqat.keras import tf
+from edgeqat.modes import Mode
 
 NORM_RANGE = (-1.0, 127.0 / 128.0)  # TFLite int8 L2_NORMALIZATION output: 1/128, zp 0
 SOFTMAX_RANGE = (0.0, 255.0 / 256.0)  # TFLite int8 SOFTMAX output: 1/256, zp -128
@@ -152,9 +160,8 @@ class TinyLm(tf.Module):
         self.quantized = False
         self.penalties: list = []  # the score penalties of the last call (training)
         self.frozen = None  # name -> (lo, hi) while tracing the export signatures
-        # The ``requant.RULES`` entry the target's int8 BATCH_MATMUL kernel rounds by
-        # (``matmul_rule_for``); with ``frozen`` ranges only, never while exporting.
-        self.matmul_rule = None
+        self.arch = None  # ``as_exported(arch)``: round as TFLite's kernels there
+        self.int_kernels = {}  # int4 projection -> (integer kernel [in, out], its scales)
 
     # ------------------------------------------------------------------ parameters
 
@@ -222,6 +229,36 @@ class TinyLm(tf.Module):
         """The ranges as Python numbers, for ``frozen``."""
         return {k: tuple(float(x) for x in v.numpy()) for k, v in self.ranges.items()}
 
+    @contextlib.contextmanager
+    def as_exported(self, arch: str | None = None):
+        """Ranges frozen as the export freezes them (Python numbers: no variable updates
+        in the graph); with ``arch`` (``x86_64``, ``aarch64``), the attention products
+        and the int4 projections also round as TFLite's kernels on that CPU do
+        (``requant``), so the model computes what the flatbuffer computes there. The
+        export itself traces without ``arch``: the flatbuffer holds the float graph."""
+        was = self.frozen, self.arch, self.int_kernels
+        self.frozen = self.freeze()
+        self.arch = requant.normalize_arch(arch) if arch else None
+        self.int_kernels = self._int_kernels() if arch else {}
+        try:
+            yield self
+        finally:
+            self.frozen, self.arch, self.int_kernels = was
+
+    def _int_kernels(self) -> dict:
+        """The 4-bit projections as the flatbuffer stores them: integer kernels and the
+        converter's per-channel scales (narrow range: ``2 * clip * max|W| / 14``)."""
+        out = {}
+        for name in self.clips:
+            if self.bits(name) != 4:
+                continue
+            w = self.quantized_weight(name).numpy()[0, 0].astype(np.float64)
+            a = (self.clips[name] * tf.maximum(tf.reduce_max(tf.abs(self.folded(name)), 0),
+                                               1e-8)).numpy()
+            scale = np.float32(2.0 * a.astype(np.float64) / 14.0)
+            out[name] = (np.round(w / scale), scale)
+        return out
+
     def bounds(self, name: str) -> tuple[float, float]:
         """The range the frozen point ``name`` quantizes to (its learned range with the
         score margin and logit span applied)."""
@@ -259,15 +296,19 @@ class TinyLm(tf.Module):
         hi = tf.maximum(hi, lo + 1e-3)
         return tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8)
 
-    def _matmul(self, a, b, names, transpose_b=False):
-        """``a @ b``; with ``matmul_rule`` set, rounded as TFLite's kernel rounds it.
-        ``names``: the quantization points (or fixed ranges) of ``a``, ``b`` and the
-        output."""
-        if not (self.frozen and self.matmul_rule):
+    def _grid(self, point):
+        """The int8 (scale, zero point) of a frozen quantization point or fixed range."""
+        return requant.int8_grid(*(self.bounds(point) if isinstance(point, str) else point))
+
+    def _matmul(self, a, b, points, transpose_b=False):
+        """``a @ b``; under ``as_exported(arch)``, rounded as the int8 BATCH_MATMUL kernel
+        on ``arch`` rounds it. ``points``: the quantization points (or fixed ranges) of
+        ``a``, ``b`` and the output."""
+        grids = [self._grid(p) for p in points] if self.arch else None
+        rule = requant.batch_matmul_rule(self.arch, grids[1][1]) if grids else None
+        if not rule:
             return tf.matmul(a, b, transpose_b=transpose_b)
-        grids = [requant.int8_grid(*(self.bounds(n) if isinstance(n, str) else n))
-                 for n in names]
-        return requant.integer_matmul(a, b, grids, self.matmul_rule, transpose_b)
+        return requant.integer_matmul(a, b, grids, rule, transpose_b)
 
     def q_fixed(self, x, bounds):
         if not self.quantized:
@@ -277,7 +318,19 @@ class TinyLm(tf.Module):
 
     # --------------------------------------------------------------------- forward
 
-    def _linear(self, x, name):
+    def _linear(self, x, name, src=None, dst=None):
+        """``x @ W`` as a 1x1 convolution; under ``as_exported(arch)`` an int4 projection
+        rounds as the int4 CONV_2D kernel on ``arch`` does (``requant.rule_for``).
+        ``src``/``dst``: the quantization points (or fixed ranges) of ``x`` and the
+        output."""
+        rule = (requant.rule_for(Mode.INT4_WEIGHTS, self.bits(name), self.arch, x.shape[1])
+                if self.arch and name in self.int_kernels else None)
+        if rule:
+            kernel, scale = self.int_kernels[name]
+            (s_in, _), out = self._grid(src), self._grid(dst)
+            acc = tf.tensordot(requant.centred(x, s_in), tf.constant(kernel), 1)  # exact
+            return requant.requantize(tf.cast(acc, tf.int64), requant.widened(s_in) *
+                                      requant.widened(scale), out, rule)
         w = self.quantized_weight(name)
         lead = tf.shape(x)[:-1]
         y = tf.nn.conv2d(tf.reshape(x, [1, 1, -1, w.shape[2]]), w, 1, "VALID")
@@ -300,7 +353,8 @@ class TinyLm(tf.Module):
 
     def qkv(self, i, x):
         n = self._norm(x)
-        return [self._heads(self.q(f"{i}.{p}", self._linear(n, f"{i}.w{p}")))
+        return [self._heads(self.q(f"{i}.{p}", self._linear(n, f"{i}.w{p}", NORM_RANGE,
+                                                            f"{i}.{p}")))
                 for p in ("q", "k", "v")]
 
     def attend(self, i, x, q, k, v, mask):
@@ -316,12 +370,15 @@ class TinyLm(tf.Module):
         p = self.q_fixed(tf.nn.softmax(s, axis=-1), SOFTMAX_RANGE)
         a = self.q(f"{i}.attn", self._matmul(p, v, (SOFTMAX_RANGE, f"{i}.v", f"{i}.attn")))
         a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [-1, tf.shape(a)[2], self.shape.dim])
-        x = self.q(f"{i}.res1", x + self.q(f"{i}.o", self._linear(a, f"{i}.wo")))
-        h = self.q(f"{i}.mlp", tf.nn.relu(self._linear(self._norm(x), f"{i}.wup")))
-        return self.q(f"{i}.res2", x + self.q(f"{i}.down", self._linear(h, f"{i}.wdown")))
+        o = self._linear(a, f"{i}.wo", f"{i}.attn", f"{i}.o")
+        x = self.q(f"{i}.res1", x + self.q(f"{i}.o", o))
+        up = self._linear(self._norm(x), f"{i}.wup", NORM_RANGE, f"{i}.mlp")
+        h = self.q(f"{i}.mlp", tf.nn.relu(up))  # the ReLU fuses into the convolution
+        down = self._linear(h, f"{i}.wdown", f"{i}.mlp", f"{i}.down")
+        return self.q(f"{i}.res2", x + self.q(f"{i}.down", down))
 
     def head(self, x):
-        return self.q("logits", self._linear(self._norm(x), "head"))
+        return self.q("logits", self._linear(self._norm(x), "head", NORM_RANGE, "logits"))
 
     def __call__(self, tokens):
         """Teacher-forced logits [B, T, vocab] for tokens [B, T] (T <= context)."""
