@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     ctx = cfg.lm.context
     host = {"float": flow.keras_logits(float_model, test, ctx)}
     fidelity = {}
+    pi_keras = {}
     for changes in PRECISIONS:
         precision = LmPrecision(**changes, head_bits=cfg.lm.head_bits,
                                 score_margin=cfg.lm.score_margin, score_cap=cfg.lm.score_cap,
@@ -71,6 +72,8 @@ def main(argv=None) -> int:
         q = flow.quantize_aware(ptq, float_model, data, cfg)
         tflites[q.name] = q.tflite
         host[q.name] = flow.keras_logits(q.model, test, ctx)
+        if args.pi:  # the Keras model rounding as the Pi's kernels do
+            pi_keras[q.name] = flow.keras_logits(q.model, test[:8], ctx, arch="aarch64")
         seconds[f"PTQ + QAT {precision.name}"] = time.perf_counter() - t
     prompt = text.encode(cfg.lm.prompt)
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,6 +119,7 @@ def main(argv=None) -> int:
             n: {"same_generated_tokens": r.info["generated"] == runs[n].info["generated"],
                 "prefill_identical": evaluate.step_agreement(r.outputs, runs[n].outputs[:8],
                                                              steps=0)["logits_within"],
+                "keras_vs_tflite": flow.keras_vs_tflite(pi_keras[n], r),
                 "generated": text.decode(r.info["generated"]),
                 "runtime": f"{r.info['runtime']} {r.info['runtime_version']}",
                 "cpu": r.info.get("cpu")}
@@ -159,7 +163,11 @@ def to_markdown(r: dict) -> str:
     for n, pi in (r.get("rpi4_emulated") or {}).items():
         lines.append(f"- Emulated Pi 4 (`{pi['runtime']}`), `{n}`: prefill logits identical "
                      f"to this machine's {100 * pi['prefill_identical']:.2f}%, generated "
-                     f"tokens {'identical' if pi['same_generated_tokens'] else 'DIFFERENT'}.")
+                     f"tokens {'identical' if pi['same_generated_tokens'] else 'DIFFERENT'}"
+                     + (f"; Keras QAT (rounding as the Pi's kernels) vs the Pi: top-1 "
+                        f"{100 * pi['keras_vs_tflite']['top1_agreement']:.2f}%, logits within "
+                        f"2 steps {100 * pi['keras_vs_tflite']['logits_within']:.2f}%"
+                        if "keras_vs_tflite" in pi else "") + ".")
     lines += ["", "Greedy samples from the prompt `" + r["samples"]["prompt"] + "`:", ""]
     for n in ("float", "qat_w8a8", "qat_w4a8"):
         if n in r["samples"]:

@@ -14,7 +14,8 @@ point here (quantize, then dequantize, with the straight-through estimator), so 
       s  = Q_score(mask(q @ k^T))                      (BATCH_MATMUL; masked entries at
                                                         the range's low end, >= margin
                                                         below its top)
-      p  = Q_softmax(softmax(s))                       (TFLite's fixed int8 output: 1/256)
+      p  = Q_softmax(mask(softmax(s)))                 (TFLite's fixed int8 output: 1/256;
+                                                        masked weights exactly 0)
       x  = Q(x + Q(Q(p @ v) @ Wo))                     (residual add)
       n  = Q_norm(l2_normalize(x)); h = Q(relu(n @ Wup')); x = Q(x + Q(h @ Wdown))
     logits = Q(Q_norm(l2_normalize(x)) @ Whead')
@@ -367,7 +368,11 @@ class TinyLm(tf.Module):
         over = tf.nn.relu(tf.abs(tf.where(mask, s, 0.0)) - self.precision.score_cap)
         self.penalties.append(tf.reduce_mean(tf.square(over)))
         s = self.q(f"{i}.score", tf.where(mask, s, MASKED), observed=tf.where(mask, s, 0.0))
-        p = self.q_fixed(tf.nn.softmax(s, axis=-1), SOFTMAX_RANGE)
+        # Masked scores sit at the range's low end, which can be within a few steps of a
+        # row's only unmasked scores (early positions): SOFTMAX then gives them weight,
+        # and prefill would attend to later tokens, decode to whatever its cache holds.
+        # Their weights are set to exactly 0 (SELECT_V2 on the softmax grid).
+        p = self.q_fixed(tf.where(mask, tf.nn.softmax(s, axis=-1), 0.0), SOFTMAX_RANGE)
         a = self.q(f"{i}.attn", self._matmul(p, v, (SOFTMAX_RANGE, f"{i}.v", f"{i}.attn")))
         a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [-1, tf.shape(a)[2], self.shape.dim])
         o = self._linear(a, f"{i}.wo", f"{i}.attn", f"{i}.o")
