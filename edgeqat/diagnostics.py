@@ -430,8 +430,9 @@ def op_agreement(tflite: bytes, model: keras.Model, x: np.ndarray) -> list[OpAgr
             except (ValueError, KeyError, TypeError):  # not a self-contained path
                 continue
             seen.add(o)
-            probes.append((op["op_name"], ins, o, layer_of(d["name"], model) or d["name"],
-                           sub))
+            layer = (layer_of(d["name"], model)  # the model output is named otherwise
+                     or _source_layer(o, d["name"], out_detail["index"], model) or d["name"])
+            probes.append((op["op_name"], ins, o, layer, sub))
     values = _run_keeping(interp, inp, details,
                           {i for _op, ins, o, *_ in probes for i in (*ins, o)}, x)
     result = []

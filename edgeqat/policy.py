@@ -37,11 +37,15 @@ class LayerSpec:
 
 
 def resolve(policy: PolicyConfig, name: str, class_name: str) -> LayerSpec:
-    """The spec of the first rule matching (``name``, ``class_name``), else the default."""
-    for i, rule in enumerate(policy.rules):
-        if re.fullmatch(rule.layers, name) and re.fullmatch(rule.classes, class_name):
-            return LayerSpec.from_rule(rule, i)
-    return LayerSpec.from_rule(policy.default, None)
+    """The spec of the first rule matching (``name``, ``class_name``), else the default;
+    an 8-bit Dense layer's ``per_channel`` weights as ``policy.dense_weights`` says."""
+    spec = next((LayerSpec.from_rule(rule, i) for i, rule in enumerate(policy.rules)
+                 if re.fullmatch(rule.layers, name) and re.fullmatch(rule.classes, class_name)),
+                LayerSpec.from_rule(policy.default, None))
+    if class_name == "Dense" and spec.weight_quantizer == "per_channel" \
+            and spec.weight_bits == 8:
+        spec = dataclasses.replace(spec, weight_quantizer=policy.dense_weights)
+    return spec
 
 
 def unmatched_rules(policy: PolicyConfig, layers: Iterable[tuple[str, str]]) -> list[str]:
@@ -96,12 +100,12 @@ def report_unsupported(layers: Iterable[tuple[str, str, str]]) -> None:
 def uniform(weight_bits: int = 8, activation_bits: int = 8,
             weight_quantizer: str = "per_channel",
             activation_quantizer: str = "moving_average", lsq_init: str = "mse",
-            ) -> PolicyConfig:
+            dense_weights: str = "per_tensor") -> PolicyConfig:
     """A policy with no rules: every layer gets the same scheme."""
     return PolicyConfig(default=RuleConfig(
         weight_bits=weight_bits, activation_bits=activation_bits,
         weight_quantizer=weight_quantizer, activation_quantizer=activation_quantizer,
-        lsq_init=lsq_init))
+        lsq_init=lsq_init), dense_weights=dense_weights)
 
 
 def mixed_precision(first: str, last: str, low_bits: int = 4,
@@ -118,4 +122,5 @@ def mixed_precision(first: str, last: str, low_bits: int = 4,
     edge = dataclasses.replace(base.default, layers=f"^({re.escape(first)}|{re.escape(last)})$",
                                weight_bits=8)
     rest = dataclasses.replace(base.default, weight_bits=low_bits)
-    return PolicyConfig(rules=(*base.rules, edge), default=rest)
+    return PolicyConfig(rules=(*base.rules, edge), default=rest,
+                        dense_weights=base.dense_weights)

@@ -97,9 +97,9 @@ def gemmlowp_rounding(acc, q, shift):
     Q31, ties away from zero), then ``RoundingDivideByPOT`` by ``2^-shift`` (ties away
     from zero again). Measured: reproduces every output of the int8 ``BATCH_MATMUL``
     kernel (LiteRT 2.3) on x86_64 and on an emulated Cortex-A72."""
-    shift = int(shift)  # one multiplier: BATCH_MATMUL is per tensor
-    left, right = max(shift, 0), max(-shift, 0)
-    ab = acc * tf.constant(2**left * int(q), tf.int64)
+    shift = np.asarray(shift, np.int64)  # one per tensor or per output channel
+    left, right = np.maximum(shift, 0), np.maximum(-shift, 0)
+    ab = acc * tf.constant(2**left * np.asarray(q, np.int64), tf.int64)
     x = ab + tf.where(ab >= 0, tf.constant(2**30, tf.int64), tf.constant(1 - 2**30, tf.int64))
     high = tf.where(x >= 0, x // 2**31, -((-x) // 2**31))  # division toward zero
     mask = 2**right - 1

@@ -148,7 +148,8 @@ def test_conv1d_then_relu_becomes_one_fused_conv():
     assert [w.layer.name for w in relus] == ["conv_0_relu", "conv_1_relu", "conv_2_relu"]
     ops = [op.name for op in inspect.list_ops(convert.to_tflite(
         export.prepare_for_export(qat), "int8", qat=True, calibration=x[:8]))]
-    assert ops.count("CONV_2D") == 4 and "RELU" not in ops
+    # three convolutions, and the 10-class head as a per-tensor FULLY_CONNECTED
+    assert ops.count("CONV_2D") == 3 and ops[-1] == "FULLY_CONNECTED" and "RELU" not in ops
 
 
 def _affine_model() -> keras.Model:

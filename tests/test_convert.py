@@ -52,11 +52,14 @@ def test_int16x8_qat_stores_int64_biases_and_runs(small_model):
     from edgeqat import annotate, policy
 
     m, x = small_model
+    dense = m.layers[-1]
+    dense.bias.assign(np.linspace(-0.5, 0.5, dense.units))  # a zero bias is dropped
     qat = annotate.annotate_model(m, policy.uniform(activation_bits=16), sample_x=x)
     qat(x, training=True)
     content = convert.to_tflite(export.prepare_for_export(qat), "int16x8", qat=True)
     types = inspect.tensor_types(content)
     assert types.get("int64") == 2 and inspect.float_ops(content) == []  # conv, dense biases
+    assert [op.name for op in inspect.list_ops(content)][-1] == "FULLY_CONNECTED"
     interp = Interpreter(model_content=content)
     interp.allocate_tensors()
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]

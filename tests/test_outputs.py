@@ -111,7 +111,9 @@ def test_own_run_directory_is_replaced_a_user_file_in_it_is_not(work):
 def test_second_run_on_the_same_output_is_refused_and_ctrl_c_is_one_line(work):
     """Run A trains (long float training); run B with the same output directory is refused
     at once; Ctrl-C then ends A with one line and exit 130, leaving nothing behind."""
-    fast_pipeline(work, float_epochs=500)
+    # Long enough to still be training when B has started and been refused on a fast
+    # machine with other tests running (500 epochs took 26 s there: A had finished).
+    fast_pipeline(work, float_epochs=20000)
     a = _start(["--pipeline", "p.toml", "--output_dir", "out"], work)
     try:
         _wait_for(a, "stage device done")

@@ -38,6 +38,24 @@ def test_mixed_precision_first_and_last_8bit():
     assert policy.resolve(p, "conv_1", "Conv2D").weight_bits == 4
 
 
+def test_dense_weights_are_per_tensor_unless_asked():
+    """An 8-bit Dense under a per_channel rule stores per-tensor weights (a
+    FULLY_CONNECTED, as tfmot) unless ``dense_weights = "per_channel"``; other classes,
+    LSQ and lower bit widths keep theirs."""
+    default = policy.uniform()
+    assert policy.resolve(default, "logits", "Dense").weight_quantizer == "per_tensor"
+    assert policy.resolve(default, "conv", "Conv2D").weight_quantizer == "per_channel"
+    assert policy.resolve(default, "dw", "DepthwiseConv2D").weight_quantizer == "per_channel"
+    assert policy.resolve(policy.uniform(weight_quantizer="lsq"), "logits",
+                          "Dense").weight_quantizer == "lsq"
+    assert policy.resolve(policy.uniform(weight_bits=4), "logits",
+                          "Dense").weight_quantizer == "per_channel"  # 4 bits: per channel
+    asked = policy.uniform(dense_weights="per_channel")
+    assert policy.resolve(asked, "logits", "Dense").weight_quantizer == "per_channel"
+    mixed = policy.mixed_precision("conv_0", "logits", base=asked)
+    assert policy.resolve(mixed, "logits", "Dense").weight_quantizer == "per_channel"
+
+
 def test_unsupported_lists_every_layer_and_the_rule():
     with pytest.raises(UserError) as e:
         policy.report_unsupported([("lstm", "LSTM", "no config"), ("f", "Lambda", "no config")])
@@ -63,9 +81,12 @@ layers = '.*'
 weight_bits = 4
 weight_quantizer = "lsq"
 activation_quantizer = "lsq"
+[policy]
+dense_weights = "per_channel"
 [policy.default]
 activation_quantizer = "percentile"
 """))
+    assert cfg.policy.dense_weights == "per_channel"
     assert len(cfg.policy.rules) == 2
     assert cfg.policy.rules[1].weight_quantizer == "lsq"
     assert cfg.policy.default.activation_quantizer == "percentile"
@@ -77,6 +98,7 @@ activation_quantizer = "percentile"
     ("[[policy.rules]]\nweight_bits = 12", "2..8"),
     ("[policy.default]\nactivation_bits = 1", "2..16"),
     ("[[policy.rules]]\nbits = 4", "unknown key"),
+    ("[policy]\ndense_weights = 'per_row'", "not one of"),
 ])
 def test_toml_rule_errors(tmp_path, body, match):
     with pytest.raises(ConfigError, match=match):
