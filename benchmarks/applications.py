@@ -16,10 +16,6 @@ same float model:
 * ``edgeqat``: ``annotate_model`` with the uniform int8 policy, one training step,
   ``prepare_for_export``, converted and proven fully integer.
 
-The classifier head's kernel is then scaled so the float model is as confident as a
-trained classifier (mean top-1 probability 0.6 on the calibration images,
-``confident_head``): a random head's near-uniform softmax makes every top-1 a rounding tie.
-
 It reports bytes, op counts, QUANTIZE/DEQUANTIZE ops, the Keras-QAT vs TFLite agreement
 of edgeqat's model on 16 inputs (end to end, and the worst op fed its own TFLite inputs,
 ``diagnostics.op_agreement``: random weights amplify rounding ties end to end), and
@@ -129,29 +125,6 @@ def trained_biases(model: keras.Model, seed: int = 0) -> None:
             bias.assign(0.01 * rng.standard_normal(bias.shape).astype(np.float32))
 
 
-def confident_head(model: keras.Model, x: np.ndarray, top: float = 0.6) -> float:
-    """Scales the classifier head's kernel so the float model's mean top-1 probability on
-    ``x`` is ``top``, as a trained classifier's is. A random head's softmax is nearly
-    uniform (every output within an int8 step of 1/1000), so its argmax is a rounding tie
-    and top-1 agreement would measure nothing. Returns the scale."""
-    head = next(layer for layer in reversed(model.layers) if hasattr(layer, "kernel"))
-    features = keras.Model(model.inputs, head.input).predict(x, batch_size=8, verbose=0)
-    kernel, bias = head.kernel.numpy(), head.bias.numpy()
-    z = features.reshape(len(x), -1) @ kernel.reshape(-1, kernel.shape[-1])
-
-    def mean_top(c):
-        y = c * z + bias
-        p = np.exp(y - y.max(-1, keepdims=True))
-        return float((p.max(-1) / p.sum(-1)).mean())
-
-    lo, hi = 1.0, 1e4
-    for _ in range(60):  # bisection on a log scale: mean_top grows with c
-        mid = np.sqrt(lo * hi)
-        lo, hi = (mid, hi) if mean_top(mid) < top else (lo, mid)
-    head.kernel.assign(kernel * hi)
-    return float(hi)
-
-
 def build(name: str, n_calib: int) -> tuple[dict, dict, dict]:
     """The four flatbuffers of ``name``, notes (tfmot's refusal, stage seconds) and the
     agreement of edgeqat's Keras QAT model with its flatbuffer."""
@@ -162,7 +135,7 @@ def build(name: str, n_calib: int) -> tuple[dict, dict, dict]:
     x = calibration(size, pixels, n_calib, seed=0)
     train.reestimate_batchnorm(model, x)
     flats, seconds = {}, {}
-    notes = {"seconds": seconds, "head_scale": confident_head(model, x)}
+    notes = {"seconds": seconds}
     t = time.perf_counter()
     flats["float"] = convert.to_tflite(model, "float")
     flats["ptq"] = convert.to_tflite(model, "int8", calibration=x, qat=False)
