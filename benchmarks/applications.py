@@ -28,6 +28,7 @@ Random weights say nothing about accuracy; they are what latency and size need.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -172,6 +173,10 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=10, help="invokes per model per round")
     p.add_argument("--calibration", type=int, default=16, help="calibration images")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "applications"))
+    p.add_argument("--update", action="store_true",
+                   help="re-measure only --models and keep the other rows of --out (each "
+                        "row's ratios come from its own interleaved run); the header "
+                        "names the rows measured later")
     args = p.parse_args(argv)
     names = args.models.split(",")
     unknown = [n for n in names if n not in MODELS]
@@ -201,6 +206,17 @@ def main(argv=None) -> int:
         print(name, notes["seconds"], {v: (x["bytes"], x["quantize"], x["latency_us"])
                      for v, x in row["variants"].items()}, ratios[1], flush=True)
 
+    rows = json.loads(json.dumps(rows))  # as stored: thread counts are string keys
+    later = []
+    if args.update:
+        kept = json.loads(Path(args.out).with_suffix(".json").read_text())
+        fresh = {r["model"]: r for r in rows}
+        later = [r["model"] for r in rows]
+        rows = [fresh.get(r["model"], r) for r in kept] + \
+            [r for r in rows if r["model"] not in {k["model"] for k in kept}]
+        for r in rows:
+            r["later_run"] = r["model"] in later or r.get("later_run", False)
+        later = [r["model"] for r in rows if r["later_run"]]
     lines = [
         "| model | float ms (1t) | edgeqat/float time 1t | 2t | edgeqat/PTQ 1t | 2t "
         "| edgeqat/tfmot 1t | 2t | bytes edgeqat / PTQ / tfmot | ops edgeqat / PTQ "
@@ -216,10 +232,10 @@ def main(argv=None) -> int:
             return "-" if x is None else str(x["quantize"] + x["dequantize"])
 
         lines.append(
-            f"| {r['model']} | {v['float']['latency_us'][1] / 1e3:.2f} | "
-            f"{fmt_ratio(q[1]['vs_float'])} | {fmt_ratio(q[2]['vs_float'])} | "
-            f"{fmt_ratio(q[1]['vs_ptq'])} | {fmt_ratio(q[2]['vs_ptq'])} | "
-            + (f"{fmt_ratio(q[1]['vs_tfmot'])} | {fmt_ratio(q[2]['vs_tfmot'])} | "
+            f"| {r['model']} | {v['float']['latency_us']['1'] / 1e3:.2f} | "
+            f"{fmt_ratio(q['1']['vs_float'])} | {fmt_ratio(q['2']['vs_float'])} | "
+            f"{fmt_ratio(q['1']['vs_ptq'])} | {fmt_ratio(q['2']['vs_ptq'])} | "
+            + (f"{fmt_ratio(q['1']['vs_tfmot'])} | {fmt_ratio(q['2']['vs_tfmot'])} | "
                if tf_ else "refused | refused | ")
             + f"{v['edgeqat']['bytes']:,} / {v['ptq']['bytes']:,} / "
             f"{format(tf_['bytes'], ',') if tf_ else '-'} | "
@@ -233,7 +249,9 @@ def main(argv=None) -> int:
         "(XNNPACK), batch 1, random weights with BatchNorm statistics re-estimated on the "
         f"calibration images; {args.rounds} interleaved rounds of {args.runs} invokes per "
         "model and thread count. Time ratios below 1 mean edgeqat's int8 file is faster; "
-        "each is the median of the per-round ratios, with their range in brackets.\n\n")
+        "each is the median of the per-round ratios, with their range in brackets."
+        + (f" Re-measured in a later run on the same machine (`--update`): "
+           f"{', '.join(later)}." if later else "") + "\n\n")
     refusals = [f"- {r['model']}: tfmot {r['notes']['tfmot']}" for r in rows
                 if "tfmot" in r["notes"]]
     body = header + "\n".join(lines) + "\n" + ("\n" + "\n".join(refusals) + "\n"

@@ -178,6 +178,18 @@ def _replace_oplambda(layer, args, kwargs, names, origin, org):
     return None
 
 
+def classifier_heads(model: keras.Model) -> set[str]:
+    """The Dense layers whose output is a model output, alone or through activations."""
+    heads = set()
+    for t in model.outputs:
+        layer = t.node.layer
+        while isinstance(layer, (L.Activation, L.Softmax)) and len(layer._inbound_nodes) == 1:
+            layer = layer.input.node.layer
+        if isinstance(layer, L.Dense):
+            heads.add(layer.name)
+    return heads
+
+
 def flatten(model: keras.Model) -> tuple[keras.Model, dict[str, tuple[str, str]]]:
     """A flat functional copy of ``model`` (nested models inlined, TFOpLambda replaced).
 
@@ -742,10 +754,12 @@ def annotate_model(model: keras.Model, policy: PolicyConfig, *,
         raise UserError(f"model {model.name} is a subclassed Keras model; annotate_model "
                         "needs a functional or Sequential model (rebuild it with Input)")
     flat, origin = flatten(model)
+    heads = {origin.get(n, (n, "?"))[0] for n in classifier_heads(flat)}
 
     def spec_of_origin(org) -> LayerSpec:
         return resolve(policy, org[0], org[1].removeprefix("TFOpLambda ").split()[0]
-                       if not org[1].startswith("TFOpLambda") else "TFOpLambda")
+                       if not org[1].startswith("TFOpLambda") else "TFOpLambda",
+                       head=org[0] in heads)
 
     def wants_per_channel(name):
         spec = spec_of_origin(origin.get(name, (name, "?")))

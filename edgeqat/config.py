@@ -199,17 +199,17 @@ class RuleConfig(Checked):
 @dataclass(frozen=True)
 class PolicyConfig(Checked):
     """Ordered rules (first match wins); layers no rule matches get ``default``.
-    ``dense_weights``: how an 8-bit Dense layer whose rule says ``per_channel`` stores
-    its weights (TFLite's FULLY_CONNECTED and tfmot keep them per tensor; below 8 bits a
-    Dense stays per channel, where a per-tensor grid costs accuracy)."""
+    ``head_weights``: how the classifier head (an 8-bit Dense whose output is the model's,
+    alone or through its activation) stores weights its rule says are ``per_channel``:
+    per tensor as tfmot and TFLite's FULLY_CONNECTED do, or per channel."""
 
     rules: tuple[RuleConfig, ...] = ()
     default: RuleConfig = RuleConfig()
-    dense_weights: str = choice("per_tensor", ("per_tensor", "per_channel"),
-                                "8-bit Dense layers under a per_channel rule: per_tensor (a "
-                                "FULLY_CONNECTED, as tfmot; a per-channel 1000-class head "
-                                "stores 24 KB more scales and zero points) or per_channel "
-                                "(a 1x1 convolution)")
+    head_weights: str = choice("per_tensor", ("per_tensor", "per_channel"),
+                               "the 8-bit Dense classifier head under a per_channel rule: "
+                               "per_tensor (a FULLY_CONNECTED, as tfmot; a per-channel "
+                               "1000-class head stores 24 KB more scales and zero points) "
+                               "or per_channel (a 1x1 convolution)")
 
 
 @dataclass(frozen=True)

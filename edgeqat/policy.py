@@ -36,15 +36,17 @@ class LayerSpec:
                    rule.weight_quantizer, rule.activation_quantizer, rule.lsq_init)
 
 
-def resolve(policy: PolicyConfig, name: str, class_name: str) -> LayerSpec:
+def resolve(policy: PolicyConfig, name: str, class_name: str, head: bool = False
+            ) -> LayerSpec:
     """The spec of the first rule matching (``name``, ``class_name``), else the default;
-    an 8-bit Dense layer's ``per_channel`` weights as ``policy.dense_weights`` says."""
+    for the classifier ``head`` (an 8-bit Dense), ``per_channel`` weights as
+    ``policy.head_weights`` says."""
     spec = next((LayerSpec.from_rule(rule, i) for i, rule in enumerate(policy.rules)
                  if re.fullmatch(rule.layers, name) and re.fullmatch(rule.classes, class_name)),
                 LayerSpec.from_rule(policy.default, None))
-    if class_name == "Dense" and spec.weight_quantizer == "per_channel" \
+    if head and class_name == "Dense" and spec.weight_quantizer == "per_channel" \
             and spec.weight_bits == 8:
-        spec = dataclasses.replace(spec, weight_quantizer=policy.dense_weights)
+        spec = dataclasses.replace(spec, weight_quantizer=policy.head_weights)
     return spec
 
 
@@ -100,12 +102,12 @@ def report_unsupported(layers: Iterable[tuple[str, str, str]]) -> None:
 def uniform(weight_bits: int = 8, activation_bits: int = 8,
             weight_quantizer: str = "per_channel",
             activation_quantizer: str = "moving_average", lsq_init: str = "mse",
-            dense_weights: str = "per_tensor") -> PolicyConfig:
+            head_weights: str = "per_tensor") -> PolicyConfig:
     """A policy with no rules: every layer gets the same scheme."""
     return PolicyConfig(default=RuleConfig(
         weight_bits=weight_bits, activation_bits=activation_bits,
         weight_quantizer=weight_quantizer, activation_quantizer=activation_quantizer,
-        lsq_init=lsq_init), dense_weights=dense_weights)
+        lsq_init=lsq_init), head_weights=head_weights)
 
 
 def mixed_precision(first: str, last: str, low_bits: int = 4,
@@ -123,4 +125,4 @@ def mixed_precision(first: str, last: str, low_bits: int = 4,
                                weight_bits=8)
     rest = dataclasses.replace(base.default, weight_bits=low_bits)
     return PolicyConfig(rules=(*base.rules, edge), default=rest,
-                        dense_weights=base.dense_weights)
+                        head_weights=base.head_weights)

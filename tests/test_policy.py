@@ -38,22 +38,35 @@ def test_mixed_precision_first_and_last_8bit():
     assert policy.resolve(p, "conv_1", "Conv2D").weight_bits == 4
 
 
-def test_dense_weights_are_per_tensor_unless_asked():
-    """An 8-bit Dense under a per_channel rule stores per-tensor weights (a
-    FULLY_CONNECTED, as tfmot) unless ``dense_weights = "per_channel"``; other classes,
-    LSQ and lower bit widths keep theirs."""
+def test_the_classifier_head_is_per_tensor_unless_asked():
+    """An 8-bit Dense head under a per_channel rule stores per-tensor weights (a
+    FULLY_CONNECTED, as tfmot) unless ``head_weights = "per_channel"``; inner Dense
+    layers (a transformer's MLP, ConvNeXt's pointwise convolutions with LayerScale folded
+    in), other classes, LSQ and lower bit widths keep theirs."""
     default = policy.uniform()
-    assert policy.resolve(default, "logits", "Dense").weight_quantizer == "per_tensor"
-    assert policy.resolve(default, "conv", "Conv2D").weight_quantizer == "per_channel"
-    assert policy.resolve(default, "dw", "DepthwiseConv2D").weight_quantizer == "per_channel"
-    assert policy.resolve(policy.uniform(weight_quantizer="lsq"), "logits",
-                          "Dense").weight_quantizer == "lsq"
-    assert policy.resolve(policy.uniform(weight_bits=4), "logits",
-                          "Dense").weight_quantizer == "per_channel"  # 4 bits: per channel
-    asked = policy.uniform(dense_weights="per_channel")
-    assert policy.resolve(asked, "logits", "Dense").weight_quantizer == "per_channel"
+    assert policy.resolve(default, "logits", "Dense", head=True).weight_quantizer == "per_tensor"
+    assert policy.resolve(default, "mlp", "Dense").weight_quantizer == "per_channel"
+    assert policy.resolve(default, "conv", "Conv2D", head=True).weight_quantizer == "per_channel"
+    assert policy.resolve(policy.uniform(weight_quantizer="lsq"), "logits", "Dense",
+                          head=True).weight_quantizer == "lsq"
+    assert policy.resolve(policy.uniform(weight_bits=4), "logits", "Dense",
+                          head=True).weight_quantizer == "per_channel"  # 4 bits
+    asked = policy.uniform(head_weights="per_channel")
+    assert policy.resolve(asked, "logits", "Dense", head=True).weight_quantizer == "per_channel"
     mixed = policy.mixed_precision("conv_0", "logits", base=asked)
-    assert policy.resolve(mixed, "logits", "Dense").weight_quantizer == "per_channel"
+    assert policy.resolve(mixed, "logits", "Dense", head=True).weight_quantizer == "per_channel"
+
+
+def test_classifier_heads_are_found_through_activations():
+    from edgeqat.annotate import classifier_heads
+    from edgeqat.keras import keras
+
+    inp = keras.Input((8,))
+    h = keras.layers.Dense(4, name="inner")(inp)
+    a = keras.layers.Dense(3, name="head_a")(h)
+    b = keras.layers.Softmax(name="soft")(keras.layers.Dense(3, name="head_b")(h))
+    c = keras.layers.Activation("relu", name="act")(keras.layers.Dense(2, name="head_c")(h))
+    assert classifier_heads(keras.Model(inp, [a, b, c])) == {"head_a", "head_b", "head_c"}
 
 
 def test_unsupported_lists_every_layer_and_the_rule():
@@ -82,11 +95,11 @@ weight_bits = 4
 weight_quantizer = "lsq"
 activation_quantizer = "lsq"
 [policy]
-dense_weights = "per_channel"
+head_weights = "per_channel"
 [policy.default]
 activation_quantizer = "percentile"
 """))
-    assert cfg.policy.dense_weights == "per_channel"
+    assert cfg.policy.head_weights == "per_channel"
     assert len(cfg.policy.rules) == 2
     assert cfg.policy.rules[1].weight_quantizer == "lsq"
     assert cfg.policy.default.activation_quantizer == "percentile"
@@ -98,7 +111,7 @@ activation_quantizer = "percentile"
     ("[[policy.rules]]\nweight_bits = 12", "2..8"),
     ("[policy.default]\nactivation_bits = 1", "2..16"),
     ("[[policy.rules]]\nbits = 4", "unknown key"),
-    ("[policy]\ndense_weights = 'per_row'", "not one of"),
+    ("[policy]\nhead_weights = 'per_row'", "not one of"),
 ])
 def test_toml_rule_errors(tmp_path, body, match):
     with pytest.raises(ConfigError, match=match):

@@ -86,13 +86,13 @@ def transformer_model() -> keras.Model:
     return keras.Model(inp, L.Dense(3, name="head")(x), name="transformer")
 
 
-# Dense layers are per tensor by default (policy.dense_weights); these models ask for
-# per-channel Dense (a 1x1 conv) to cover that route too.
+# A Dense head is per tensor by default (policy.head_weights); these models ask for a
+# per-channel head (a 1x1 conv) to cover that route too.
 PER_TENSOR_DENSE = PolicyConfig(rules=(RuleConfig(layers="dense_pt",
                                                   weight_quantizer="per_tensor"),),
-                                dense_weights="per_channel")
+                                head_weights="per_channel")
 MODELS = {
-    "image": (image_model, policy.uniform(dense_weights="per_channel")),
+    "image": (image_model, policy.uniform(head_weights="per_channel")),
     "sequence": (sequence_model, PER_TENSOR_DENSE),
     "transformer": (transformer_model, policy.uniform()),
 }
