@@ -221,8 +221,14 @@ class TinyLm(tf.Module):
         w = tf.reshape(w, [1, 1, *w.shape])
         if not self.quantized:
             return w
-        top = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(w), axis=[0, 1, 2]), 1e-8))
-        return _fake_quant_pc(w, self.clips[name] * top, self.bits(name))
+        return _fake_quant_pc(w, self.weight_range(name, w), self.bits(name))
+
+    def weight_range(self, name: str, w):
+        """Per output channel (last axis of ``w``, the folded kernel): the symmetric range
+        ``clip * max|W|`` its weights are quantized to (the clip trains, the max does not)."""
+        axes = list(range(len(w.shape) - 1))
+        return self.clips[name] * tf.stop_gradient(
+            tf.maximum(tf.reduce_max(tf.abs(w), axis=axes), 1e-8))
 
     # ---------------------------------------------------------------- quantization
 
@@ -254,8 +260,7 @@ class TinyLm(tf.Module):
             if self.bits(name) != 4:
                 continue
             w = self.quantized_weight(name).numpy()[0, 0].astype(np.float64)
-            a = (self.clips[name] * tf.maximum(tf.reduce_max(tf.abs(self.folded(name)), 0),
-                                               1e-8)).numpy()
+            a = self.weight_range(name, self.folded(name)).numpy()
             scale = np.float32(2.0 * a.astype(np.float64) / 14.0)
             out[name] = (np.round(w / scale), scale)
         return out
