@@ -1,4 +1,5 @@
-"""The language-model table: float, dynamic int8, PTQ and QAT at W8A8 and W4A8, one run.
+"""The language-model table: float, dynamic int8, PTQ and QAT at W8A8, W8A16 (16x8) and
+W4A8, one run.
 
     python benchmarks/lm.py [--pipeline tinylm] [--pi]
 
@@ -32,7 +33,8 @@ from edgeqat import latency  # noqa: E402
 from edgeqat.config import DEVICES_DIR, PIPELINES_DIR, DeviceConfig, load_device, load_pipeline  # noqa: E402
 from edgeqat.lm import evaluate, flow, text  # noqa: E402
 
-PRECISIONS = ({"weight_bits": 8}, {"weight_bits": 4})
+PRECISIONS = ({"weight_bits": 8}, {"weight_bits": 8, "activation_bits": 16}, {"weight_bits": 4})
+SHIPPED = ("qat_w8a8", "qat_w8a16", "qat_w4a8")
 ROUNDS = 3  # runs of every model on the local CPU; speed is the median of the rounds
 
 
@@ -147,12 +149,14 @@ def to_markdown(r: dict) -> str:
              *table_rows({"rows": r["rows"]}), ""]
     for n, f in r["keras_vs_tflite"].items():
         dv = by[n].get("decode_vs_prefill") or {}
+        grid = "int16" if n.endswith("a16") else "int8"
         lines.append(f"- `{n}`: Keras QAT vs TFLite top-1 {100 * f['top1_agreement']:.2f}%, "
-                     f"logits within 2 steps {100 * f['logits_within']:.2f}%; decode vs "
+                     f"logits within 2 steps {100 * f['logits_within']:.2f}% (largest "
+                     f"{f['max_steps']} steps of its {grid} grid); decode vs "
                      f"prefill within 2 steps on {100 * dv.get('positions_within', 0):.2f}% of "
                      "positions.")
     f8 = by.get("float", {}).get("speed", {}).get("1", {})
-    for n in ("qat_w8a8", "qat_w4a8"):
+    for n in SHIPPED:
         if n in by and f8:
             sp = by[n]["speed"]["1"]
             lo = sp["decode_tokens_per_s_spread"][0] / f8["decode_tokens_per_s_spread"][1]
@@ -169,7 +173,7 @@ def to_markdown(r: dict) -> str:
                         f"2 steps {100 * pi['keras_vs_tflite']['logits_within']:.2f}%"
                         if "keras_vs_tflite" in pi else "") + ".")
     lines += ["", "Greedy samples from the prompt `" + r["samples"]["prompt"] + "`:", ""]
-    for n in ("float", "qat_w8a8", "qat_w4a8"):
+    for n in ("float", *SHIPPED):
         if n in r["samples"]:
             lines += [f"`{n}`:", "```", r["samples"]["prompt"] + r["samples"][n], "```"]
     lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in r["seconds"].items())

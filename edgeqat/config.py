@@ -318,7 +318,8 @@ class DiagnosticsConfig(Checked):
 class LmConfig(Checked):
     """The language-model pipeline (``data.name = "text"``): a byte-level decoder-only
     transformer, pre-trained in float, then PTQ and QAT at ``convert.mode`` (int8: W8A8;
-    int4_weights: W4A8), exported with ``prefill`` and KV-cache ``decode`` signatures."""
+    int4_weights: W4A8; int16x8: W8A16), exported with ``prefill`` and KV-cache ``decode``
+    signatures."""
 
     context: int = bounded(128, Range(8, 2048, text="must be 8..2048"))  # window and cache
     dim: int = bounded(128, Range(16, 1024, text="must be 16..1024"))
@@ -376,12 +377,13 @@ class PipelineConfig(Checked):
         """Rules across tables: what the conversion mode's kernels can load and run."""
         mode = self.convert.mode
         if self.data.name == "text":
-            if mode not in (modes.Mode.INT8, modes.Mode.INT4_WEIGHTS):
-                raise FieldError("convert.mode", mode, "but data.name = 'text' (the language "
-                                 "model) ships W8A8 (int8) or W4A8 (int4_weights)")
+            if mode == modes.Mode.INT16X8 and self.lm.head_bits != 8:
+                raise FieldError("lm.head_bits", self.lm.head_bits, "but convert.mode = "
+                                 "'int16x8': TFLite's 16x8 kernels take 8-bit weights; set 8")
             if self.mode != "qat":
                 raise FieldError("mode", self.mode, "but data.name = 'text': the language "
                                  "model runs PTQ and QAT always; use mode = 'qat'")
+            return  # the rest is the CNN path's policy: [lm] sets the model's precision
         row = modes.spec(mode)
         lo, hi = row.activation_bits
         if self.mode == "auto" and mode != modes.Mode.INT8:

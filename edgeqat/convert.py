@@ -38,6 +38,7 @@ def widen_int16_biases(flat: bytes) -> bytes:
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(flat))
     names = schema_names(schema.BuiltinOperator)
     changed = 0
+    widened = set()  # buffers (signatures' subgraphs share constant buffers)
     for graph in model.subgraphs:
         for op in graph.operators:
             name = names.get(builtin_code(model, op))
@@ -49,9 +50,11 @@ def widen_int16_biases(flat: bytes) -> bytes:
             bias = graph.tensors[op.inputs[at]]
             if data.type != schema.TensorType.INT16 or bias.type != schema.TensorType.INT32:
                 continue
-            buf = model.buffers[bias.buffer]
-            values = np.frombuffer(bytes(bytearray(buf.data)), np.int32)
-            buf.data = np.frombuffer(values.astype(np.int64).tobytes(), np.uint8)
+            if bias.buffer not in widened:
+                buf = model.buffers[bias.buffer]
+                values = np.frombuffer(bytes(bytearray(buf.data)), np.int32)
+                buf.data = np.frombuffer(values.astype(np.int64).tobytes(), np.uint8)
+                widened.add(bias.buffer)
             bias.type = schema.TensorType.INT64
             changed += 1
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model)) if changed else flat

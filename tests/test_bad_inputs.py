@@ -302,8 +302,9 @@ CATALOGUE = [
      "not fewer than lm.context = 8"),
     ("text-heads-do-not-divide", pipe(TEXT + "[lm]\ndim = 30\nheads = 4\n"), P,
      "lm.heads = 4 must divide lm.dim = 30"),
-    ("text-int16x8", pipe(TEXT + '[convert]\nmode = "int16x8"\n'), P,
-     "ships W8A8 (int8) or W4A8 (int4_weights)"),
+    ("text-int16x8-int4-head", pipe(TEXT + '[lm]\nhead_bits = 4\n[convert]\n'
+                                    'mode = "int16x8"\n'), P,
+     "lm.head_bits = 4 but convert.mode = 'int16x8'"),
 
 ]
 assert len({c[0] for c in CATALOGUE}) == len(CATALOGUE)

@@ -200,6 +200,56 @@ def test_w4a8_stores_packed_int4_kernels_and_matches_its_keras_model():
     assert got["logits_within"] >= 0.99 and got["top1_agreement"] >= 0.99, got
 
 
+def test_w8a16_is_16x8_throughout_and_closer_to_float_than_w8a8():
+    """16-bit activations (convert.mode = 'int16x8'): int16 tensors in both signatures
+    (logits and cache too), the norm as MUL/MEAN/RSQRT/MUL (TFLite has no int16
+    L2_NORMALIZATION), int64 biases stored once, no requantizing op; its logits are closer
+    to float than W8A8's and its Keras model's within a small fraction of an int8 step."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgeqat import inspect
+    from edgeqat.lm import export, flow, train
+    from edgeqat.lm.model import LmPrecision, LmShape, TinyLm
+
+    windows = text.load_text(None, 16).train[::50]
+    shape = LmShape(context=16, dim=32, layers=1, heads=2)
+    float_model = TinyLm(shape)
+    train.pretrain(float_model, windows, train.Schedule(40, 32, 3e-3, warmup=4), 0)
+    reference = flow.keras_logits(float_model, windows[:8], 16)
+    kl = {}
+    for bits in (8, 16):
+        model = train.copy_of(float_model, precision=LmPrecision(activation_bits=bits))
+        train.calibrate(model, windows, batches=2, batch_size=8)
+        tflite = export.to_tflite(model, "full_integer", windows)
+        ops = inspect.require_full_integer_everywhere(tflite, model.precision.name)
+        prefill = Interpreter(model_content=tflite).get_signature_runner("prefill")
+        out = prefill.get_output_details()["logits"]
+        raw = np.stack([prefill(tokens=w[None, :16])["logits"][0] for w in windows[:8]])
+        scale, zero = out["quantization"]
+        kl[bits] = evaluate.scores(evaluate.dequantize(raw, scale, zero), windows[:8, 1:17],
+                                   reference)["kl"]
+        if bits == 8:
+            continue
+        names = {sig: {o.name for o in o_} for sig, o_ in ops.items()}
+        for sig in ("prefill", "decode"):
+            assert {"RSQRT", "MEAN", "MUL"} <= names[sig], names[sig]
+            assert not names[sig] & {"L2_NORMALIZATION", "QUANTIZE", "DEQUANTIZE"}, names[sig]
+        decode = Interpreter(model_content=tflite).get_signature_runner("decode")
+        io = {**decode.get_input_details(), **decode.get_output_details()}
+        assert out["dtype"] == np.int16 and zero == 0
+        assert {io[k]["dtype"] for k in io if k.startswith(("kv_cache", "logits"))} == {np.int16}
+        stored = inspect.tensors(tflite)
+        biases = [t for t in stored if t["type"] == "int64"]
+        assert biases and all(t["bytes"] == 8 * int(np.prod(t["shape"])) for t in biases)
+        keras = evaluate.to_steps(flow.keras_logits(model, windows[:8], 16), scale, zero,
+                                  "int16")
+        got = evaluate.step_agreement(keras, raw, steps=8)
+        # 8 steps of this int16 grid are 1/32 of an int8 step of the same range (measured:
+        # at most 6; int16 SOFTMAX and RSQRT are table lookups, Keras computes them exactly).
+        assert got["logits_within"] >= 0.999 and got["top1_agreement"] >= 0.99, got
+    assert kl[16] < kl[8], kl
+
+
 def test_attention_products_round_as_the_batch_matmul_kernel():
     """Each int8 BATCH_MATMUL of a prefill, fed its own TFLite inputs, is reproduced
     bit for bit by ``requant.integer_matmul`` at the grids the Keras model derives from its

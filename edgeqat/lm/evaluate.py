@@ -62,6 +62,9 @@ def step_agreement(a_raw: np.ndarray, b_raw: np.ndarray, steps: int = 2) -> dict
             "max_steps": int(d.max()) if d.size else 0, "steps": steps}
 
 
-def to_steps(logits: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
-    """Float logits on an int8 grid (a QAT model's) as the integers TFLite stores."""
-    return np.clip(np.round(logits / scale) + zero_point, -128, 127).astype(np.int32)
+def to_steps(logits: np.ndarray, scale: float, zero_point: int,
+             dtype: str = "int8") -> np.ndarray:
+    """Float logits on an integer grid (a QAT model's; ``dtype`` int8 or int16) as the
+    integers TFLite stores."""
+    info = np.iinfo(dtype)
+    return np.clip(np.round(logits / scale) + zero_point, info.min, info.max).astype(np.int32)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import tempfile
 
-from edgeqat.convert import run_converter
+from edgeqat.convert import run_converter, widen_int16_biases
 from edgeqat.keras import tf
 from edgeqat.lm.model import TinyLm
 
@@ -70,6 +70,14 @@ def to_tflite(model: TinyLm, mode: str, windows=None) -> bytes:
             tmp, signature_keys=["prefill", "decode"])
         if mode != "float":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if mode == "full_integer" and model.precision.activation_bits == 16:
+            # 16x8 from the trained ranges as they are: a representative dataset would
+            # switch the converter to its 16x8 PTQ path, which rejects FakeQuant graphs
+            # (edgeqat.convert.to_tflite says more).
+            converter.target_spec.supported_ops = [
+                tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+            converter.inference_input_type = converter.inference_output_type = tf.int16
+            return widen_int16_biases(run_converter(converter))
         if mode == "full_integer":
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             converter.inference_input_type = tf.int8

@@ -30,7 +30,9 @@ SPEED_THREADS = (1, 2)
 def precision_for(cfg: PipelineConfig):
     from edgeqat.lm.model import LmPrecision
 
-    return LmPrecision(weight_bits=4 if cfg.convert.mode == "int4_weights" else 8,
+    mode = cfg.convert.mode
+    return LmPrecision(weight_bits=4 if mode == "int4_weights" else 8,
+                       activation_bits=16 if mode == "int16x8" else 8,
                        head_bits=cfg.lm.head_bits, score_margin=cfg.lm.score_margin,
                        score_cap=cfg.lm.score_cap, logit_span=cfg.lm.logit_span)
 
@@ -286,7 +288,8 @@ def keras_vs_tflite(keras_logits_: np.ndarray, run) -> dict:
     flatbuffer's output steps."""
     q = run.info["logits"]
     return evaluate.step_agreement(evaluate.to_steps(keras_logits_, q["scale"],
-                                                     q["zero_point"]), run.outputs)
+                                                     q["zero_point"], q["dtype"]),
+                                   run.outputs)
 
 
 def build_report(cfg, device, data, float_model, tflites, runs, host_runs, host,

@@ -30,6 +30,11 @@ Ranges: weights per output channel, ``clip * max|W|`` (``clip`` trained, 1 at 8 
 least-squares ratio at 4); activations observed (min/max calibration, then a moving
 average during QAT, then frozen) or fixed where TFLite fixes them.
 
+16-bit activations (``LmPrecision.activation_bits = 16``, W8A16, TFLite's 16x8 kernels):
+every point is TFLite's int16 grid (symmetric, zero point 0), the softmax output 1/32768;
+TFLite has no int16 L2_NORMALIZATION, so the norm is ``x * rsqrt(mean(x * x))`` (MUL,
+MEAN, RSQRT, MUL, each output a point; ``sqrt(dim)`` is then in the norm, not in W').
+
 What is left is how TFLite's kernels round: ``as_exported(arch)`` makes the attention
 products (int8 BATCH_MATMUL: XNNPACK's float32 rounding or the builtin kernel's two
 roundings, by the right operand's zero point) and the int4 projections round as they do
@@ -51,6 +56,7 @@ from edgeqat.modes import Mode
 
 NORM_RANGE = (-1.0, 127.0 / 128.0)  # TFLite int8 L2_NORMALIZATION output: 1/128, zp 0
 SOFTMAX_RANGE = (0.0, 255.0 / 256.0)  # TFLite int8 SOFTMAX output: 1/256, zp -128
+SOFTMAX16_RANGE = (-1.0, 32767.0 / 32768.0)  # int16 SOFTMAX: 1/32768, zp 0
 MASKED = -1e4  # what masked scores are set to before their quantization clips them
 
 
@@ -72,27 +78,49 @@ class LmShape:
 
 @dataclass(frozen=True)
 class LmPrecision:
-    """Bits per kind of tensor; activations are 8-bit throughout (int8 kernels)."""
+    """Bits per kind of tensor.
+
+    ``activation_bits``: 8 (int8 kernels) or 16 (TFLite's 16x8 kernels: int16
+    activations, symmetric with zero point 0, and 8-bit weights; W8A16).
+    """
 
     weight_bits: int = 8  # Q/K/V/O and MLP projections: 8 or 4
     head_bits: int = 8  # the output projection
+    activation_bits: int = 8
     score_margin: float = 16.0  # masked attention scores sit >= this far below the top
     score_cap: float = 8.0  # scores beyond +-cap are penalised in training
     logit_span: float = 16.0  # logits below top - span saturate (softmax weight < 1e-7)
 
+    def __post_init__(self):
+        if self.activation_bits not in (8, 16):
+            raise ValueError(f"activation_bits must be 8 or 16, not {self.activation_bits}")
+        if self.activation_bits == 16 and (self.weight_bits, self.head_bits) != (8, 8):
+            raise ValueError("16-bit activations take 8-bit weights (TFLite's 16x8 kernels); "
+                             f"got weight_bits={self.weight_bits}, head_bits={self.head_bits}")
+
     @property
     def name(self) -> str:
-        return f"w{self.weight_bits}a8"
+        return f"w{self.weight_bits}a{self.activation_bits}"
 
 
 PROJECTIONS = ("wq", "wk", "wv", "wo", "wup", "wdown")
 
 
-def _point_names(shape: LmShape) -> list[str]:
+NORM_POINTS = ("sq", "ms", "rs")  # 16-bit norms: x*x, its mean, rsqrt of the mean
+
+
+def norm_names(shape: LmShape) -> list[str]:
+    return [f"{i}.n{j}" for i in range(shape.layers) for j in (1, 2)] + ["nf"]
+
+
+def _point_names(shape: LmShape, precision: LmPrecision) -> list[str]:
     names = ["emb", "pos", "x0", "logits"]
     for i in range(shape.layers):
         names += [f"{i}.{p}" for p in ("q", "k", "v", "score", "attn", "o", "res1", "mlp",
                                        "down", "res2")]
+    if precision.activation_bits == 16:  # the norms' own tensors (8 bits: one fixed grid)
+        names += [f"{n}{p}" for n in norm_names(shape) for p in ("", *(
+            "." + q for q in NORM_POINTS))]
     return names
 
 
@@ -155,7 +183,7 @@ class TinyLm(tf.Module):
                       or k == "head"}
         self.ranges = {n: tf.Variable([0.0, 0.0], trainable=False,
                                       name="range_" + n.replace(".", "_"))
-                       for n in _point_names(shape)}
+                       for n in _point_names(shape, precision)}
         self.observe = tf.Variable(0, trainable=False, name="observe")
         self.momentum = tf.Variable(0.99, trainable=False, name="momentum")
         self.quantized = False
@@ -191,10 +219,13 @@ class TinyLm(tf.Module):
 
     def folded(self, name: str):
         """The projection as the flatbuffer stores it (before quantization): the norm's
-        ``sqrt(dim) * gamma`` folded into its rows, ``1/sqrt(head_dim)`` into Wq."""
+        gain (and ``sqrt(dim)`` at 8 bits) folded into its rows, ``1/sqrt(head_dim)``
+        into Wq."""
         w = self.params[name]
         layer, _, kind = name.rpartition(".")
-        root = math.sqrt(self.shape.dim)
+        # 8 bits: the norm is L2_NORMALIZATION (x / ||x||), so sqrt(dim) folds here; 16
+        # bits: x * rsqrt(mean(x*x)) already carries it.
+        root = math.sqrt(self.shape.dim) if self.precision.activation_bits == 8 else 1.0
         if kind in ("wq", "wk", "wv"):
             w = (root * self.params[f"{layer}.g1"])[:, None] * w
         elif kind == "wup":
@@ -282,8 +313,7 @@ class TinyLm(tf.Module):
             return x
         r = self.ranges[name]
         if self.frozen:  # export: constants, no variable updates in the graph
-            lo, hi = self.bounds(name)
-            return tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8)
+            return self._fake_quant(x, *self.bounds(name))
         seen = x if observed is None else observed
         lo_b = tf.minimum(tf.reduce_min(seen), 0.0)
         hi_b = tf.maximum(tf.reduce_max(seen), 0.0)
@@ -300,7 +330,16 @@ class TinyLm(tf.Module):
         if name == "logits":
             lo = tf.minimum(tf.maximum(lo, hi - self.precision.logit_span), 0.0)
         hi = tf.maximum(hi, lo + 1e-3)
-        return tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8)
+        return self._fake_quant(x, lo, hi)
+
+    def _fake_quant(self, x, lo, hi):
+        """8 bits: the asymmetric int8 grid of [lo, hi]; 16 bits: TFLite's int16 grid,
+        symmetric with zero point 0, covering both ends."""
+        if self.precision.activation_bits == 8:
+            return tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8)
+        a = tf.maximum(-lo, hi) if tf.is_tensor(lo) or tf.is_tensor(hi) else max(-lo, hi)
+        return tf.quantization.fake_quant_with_min_max_vars(x, -a, a, num_bits=16,
+                                                            narrow_range=True)
 
     def _grid(self, point):
         """The int8 (scale, zero point) of a frozen quantization point or fixed range."""
@@ -310,17 +349,20 @@ class TinyLm(tf.Module):
         """``a @ b``; under ``as_exported(arch)``, rounded as the int8 BATCH_MATMUL kernel
         on ``arch`` rounds it. ``points``: the quantization points (or fixed ranges) of
         ``a``, ``b`` and the output."""
-        grids = [self._grid(p) for p in points] if self.arch else None
+        grids = ([self._grid(p) for p in points]
+                 if self.arch and self.precision.activation_bits == 8 else None)
         rule = requant.batch_matmul_rule(self.arch, grids[1][1]) if grids else None
         if not rule:
             return tf.matmul(a, b, transpose_b=transpose_b)
         return requant.integer_matmul(a, b, grids, rule, transpose_b)
 
     def q_fixed(self, x, bounds):
+        """A grid TFLite fixes: the int8 SOFTMAX (1/256) and L2_NORMALIZATION (1/128)
+        outputs; int16 SOFTMAX's is 1/32768 with zero point 0."""
         if not self.quantized:
             return x
-        return tf.quantization.fake_quant_with_min_max_vars(x, bounds[0], bounds[1],
-                                                            num_bits=8)
+        bits = 16 if bounds == SOFTMAX16_RANGE else 8
+        return tf.quantization.fake_quant_with_min_max_vars(x, *bounds, num_bits=bits)
 
     # --------------------------------------------------------------------- forward
 
@@ -342,10 +384,21 @@ class TinyLm(tf.Module):
         y = tf.nn.conv2d(tf.reshape(x, [1, 1, -1, w.shape[2]]), w, 1, "VALID")
         return tf.reshape(y, tf.concat([lead, [w.shape[3]]], 0))
 
-    def _norm(self, x):
-        if not self.quantized:  # the float model's RMSNorm without its gain (folded)
-            return tf.math.l2_normalize(x, axis=-1)
-        return self.q_fixed(tf.math.l2_normalize(x, axis=-1), NORM_RANGE)
+    def _norm(self, x, name):
+        """RMSNorm without its gain (folded into the next projection). 8 bits: one
+        L2_NORMALIZATION op on TFLite's fixed int8 grid. 16 bits (TFLite has no int16
+        L2_NORMALIZATION): ``x * rsqrt(mean(x * x))``, MUL, MEAN, RSQRT and MUL, each
+        output a quantization point ``name.sq``, ``.ms``, ``.rs`` and ``name``."""
+        if self.precision.activation_bits == 8:
+            n = tf.math.l2_normalize(x, axis=-1)
+            return self.q_fixed(n, NORM_RANGE) if self.quantized else n
+        ms = self.q(f"{name}.ms", tf.reduce_mean(self.q(f"{name}.sq", x * x), -1,
+                                                 keepdims=True))
+        return self.q(name, x * self.q(f"{name}.rs", tf.math.rsqrt(ms)))
+
+    def norm_point(self, name):
+        """What the norm's output is quantized to (for ``_linear``'s ``src``)."""
+        return NORM_RANGE if self.precision.activation_bits == 8 else name
 
     def _heads(self, x):
         s = self.shape
@@ -358,8 +411,9 @@ class TinyLm(tf.Module):
         return self.q("x0", x)
 
     def qkv(self, i, x):
-        n = self._norm(x)
-        return [self._heads(self.q(f"{i}.{p}", self._linear(n, f"{i}.w{p}", NORM_RANGE,
+        n = self._norm(x, f"{i}.n1")
+        return [self._heads(self.q(f"{i}.{p}", self._linear(n, f"{i}.w{p}",
+                                                            self.norm_point(f"{i}.n1"),
                                                             f"{i}.{p}")))
                 for p in ("q", "k", "v")]
 
@@ -377,18 +431,22 @@ class TinyLm(tf.Module):
         # row's only unmasked scores (early positions): SOFTMAX then gives them weight,
         # and prefill would attend to later tokens, decode to whatever its cache holds.
         # Their weights are set to exactly 0 (SELECT_V2 on the softmax grid).
-        p = self.q_fixed(tf.where(mask, tf.nn.softmax(s, axis=-1), 0.0), SOFTMAX_RANGE)
+        p = self.q_fixed(tf.where(mask, tf.nn.softmax(s, axis=-1), 0.0),
+                         SOFTMAX_RANGE if self.precision.activation_bits == 8
+                         else SOFTMAX16_RANGE)
         a = self.q(f"{i}.attn", self._matmul(p, v, (SOFTMAX_RANGE, f"{i}.v", f"{i}.attn")))
         a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [-1, tf.shape(a)[2], self.shape.dim])
         o = self._linear(a, f"{i}.wo", f"{i}.attn", f"{i}.o")
         x = self.q(f"{i}.res1", x + self.q(f"{i}.o", o))
-        up = self._linear(self._norm(x), f"{i}.wup", NORM_RANGE, f"{i}.mlp")
+        up = self._linear(self._norm(x, f"{i}.n2"), f"{i}.wup", self.norm_point(f"{i}.n2"),
+                          f"{i}.mlp")
         h = self.q(f"{i}.mlp", tf.nn.relu(up))  # the ReLU fuses into the convolution
         down = self._linear(h, f"{i}.wdown", f"{i}.mlp", f"{i}.down")
         return self.q(f"{i}.res2", x + self.q(f"{i}.down", down))
 
     def head(self, x):
-        return self.q("logits", self._linear(self._norm(x), "head", NORM_RANGE, "logits"))
+        return self.q("logits", self._linear(self._norm(x, "nf"), "head",
+                                             self.norm_point("nf"), "logits"))
 
     def __call__(self, tokens):
         """Teacher-forced logits [B, T, vocab] for tokens [B, T] (T <= context)."""
