@@ -133,6 +133,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def _steps(name: str, steps: int) -> str:
+    """Output steps of the model's logits grid; an int16 grid's also as int8 steps of the
+    same range (65534 / 254 int16 steps each)."""
+    if not name.endswith("a16"):
+        return f"{steps} steps"
+    return f"{steps} int16 steps, {steps * 254 / 65534:.3f} of an int8 step"
+
+
 def to_markdown(r: dict) -> str:
     from edgeqat.lm.report import table_rows
 
@@ -149,12 +157,11 @@ def to_markdown(r: dict) -> str:
              *table_rows({"rows": r["rows"]}), ""]
     for n, f in r["keras_vs_tflite"].items():
         dv = by[n].get("decode_vs_prefill") or {}
-        grid = "int16" if n.endswith("a16") else "int8"
         lines.append(f"- `{n}`: Keras QAT vs TFLite top-1 {100 * f['top1_agreement']:.2f}%, "
                      f"logits within 2 steps {100 * f['logits_within']:.2f}% (largest "
-                     f"{f['max_steps']} steps of its {grid} grid); decode vs "
-                     f"prefill within 2 steps on {100 * dv.get('positions_within', 0):.2f}% of "
-                     "positions.")
+                     f"{_steps(n, f['max_steps'])}); decode vs prefill within 2 steps on "
+                     f"{100 * dv.get('positions_within', 0):.2f}% of positions (largest "
+                     f"{_steps(n, dv.get('max_steps', 0))}).")
     f8 = by.get("float", {}).get("speed", {}).get("1", {})
     for n in SHIPPED:
         if n in by and f8:

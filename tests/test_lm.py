@@ -250,6 +250,33 @@ def test_w8a16_is_16x8_throughout_and_closer_to_float_than_w8a8():
     assert kl[16] < kl[8], kl
 
 
+def test_w8a16_decode_reproduces_prefill_exactly():
+    """The decode loop's logits and cache are prefill's, to the int16 step. Prefill's
+    position table is a constant (its gather is folded) and decode's a GATHER: both come
+    from one table quantized before the gather, or 1-step differences at rounding ties
+    (6 of 64 positions on the benchmark's model) carry through every layer."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgeqat.harness.runner import decode_step, empty_cache
+    from edgeqat.lm import export, train
+    from edgeqat.lm.model import LmPrecision, LmShape, TinyLm
+
+    windows = text.load_text(None, 64).train[::40]
+    model = TinyLm(LmShape(context=64, dim=128, layers=1, heads=4),
+                   LmPrecision(activation_bits=16))
+    train.calibrate(model, windows, batches=2, batch_size=8)
+    it = Interpreter(model_content=export.to_tflite(model, "full_integer", windows))
+    prefill, decode = it.get_signature_runner("prefill"), it.get_signature_runner("decode")
+    tokens = windows[0, :64].astype(np.int32)
+    full = prefill(tokens=tokens[None])
+    cache = empty_cache(decode)
+    for pos, tok in enumerate(tokens):
+        logits, cache = decode_step(decode, int(tok), pos, cache)
+        np.testing.assert_array_equal(logits, full["logits"][0, pos])
+    for name, value in cache.items():
+        np.testing.assert_array_equal(value, full[name])
+
+
 def test_attention_products_round_as_the_batch_matmul_kernel():
     """Each int8 BATCH_MATMUL of a prefill, fed its own TFLite inputs, is reproduced
     bit for bit by ``requant.integer_matmul`` at the grids the Keras model derives from its

@@ -406,8 +406,12 @@ class TinyLm(tf.Module):
                             [0, 2, 1, 3])
 
     def embed(self, tokens, positions):
-        x = (self.q("emb", tf.gather(self.params["emb"], tokens))
-             + self.q("pos", tf.gather(self.params["pos"], positions)))
+        if self.frozen:  # export: each table quantized, then gathered (the same values)
+            x = (tf.gather(self.q("emb", self.params["emb"]), tokens)
+                 + tf.gather(self.q("pos", self.params["pos"]), positions))
+        else:
+            x = (self.q("emb", tf.gather(self.params["emb"], tokens))
+                 + self.q("pos", tf.gather(self.params["pos"], positions)))
         return self.q("x0", x)
 
     def qkv(self, i, x):
