@@ -17,7 +17,7 @@ import pytest
 
 from edgeqat.lm import evaluate, text
 from tests.conftest import ROOT
-from tests.test_bad_inputs import run_cli
+from tests.test_bad_inputs import assert_one_line_error, run_cli
 
 # The tests reading the tiny run share one worker, so the run is made once (xdist
 # loadgroup), not once per worker.
@@ -275,6 +275,22 @@ def test_w8a16_decode_reproduces_prefill_exactly():
         np.testing.assert_array_equal(logits, full["logits"][0, pos])
     for name, value in cache.items():
         np.testing.assert_array_equal(value, full[name])
+
+
+def test_a_runtime_too_old_for_the_16x8_ops_is_refused_before_the_device(tmp_path):
+    """W8A16 needs int16 RSQRT (version 3) and CONV_2D version 8, newer than a profile's
+    tflite-runtime 2.14: one line naming them, exit 2, no output directory."""
+    (tmp_path / "old.toml").write_text('name = "old_runtime"\nruntime = "ai_edge_litert"\n'
+                                       'runtime_version = "2.14.0"\n[connection]\n'
+                                       'kind = "local"\n')
+    (tmp_path / "lm16.toml").write_text(TINY_LM.replace("steps = 120", "steps = 10")
+                                        .replace("qat_steps = 20", "qat_steps = 2")
+                                        + '[convert]\nmode = "int16x8"\n')
+    p = run_cli(["--pipeline", "lm16.toml", "--device", "old.toml", "--output_dir", "out"],
+                tmp_path, timeout=600)
+    line = assert_one_line_error(p, "cannot load on")
+    assert "RSQRT version 3" in line and "2.14.0" in line, line
+    assert not (tmp_path / "out").exists()
 
 
 def test_attention_products_round_as_the_batch_matmul_kernel():

@@ -173,6 +173,7 @@ def pretrain_float(cfg: PipelineConfig, data, state: dict | None):
 
 def run(cfg: PipelineConfig, device: DeviceConfig, stage):
     """Runs the language-model pipeline; returns a ``flow.PipelineResult``."""
+    from edgeqat import op_versions
     from edgeqat.harness.device import preflight
 
     lm = cfg.lm
@@ -198,6 +199,7 @@ def run(cfg: PipelineConfig, device: DeviceConfig, stage):
         q = quantize_aware(ptq, float_model, data, cfg)
         tflites[q.name] = q.tflite
     with stage("validate"):
+        op_versions.require_loadable(tflites, device)  # before the device sees a model
         test = data.test[: lm.eval_windows]
         arch = target_arch(device)
         host = {"float": keras_logits(float_model, test, shape.context),
