@@ -72,14 +72,18 @@ def calibrate(model: keras.Model, x_calib: np.ndarray, cfg: PtqConfig | None = N
       cfg: calibration method (``minmax``, ``percentile``, ``mse``) and AdaRound options;
         AdaRound, if on, is applied to a copy of ``model`` before calibrating.
     """
-    from edgeqat.convert import concrete_function, representative_dataset, run_converter
+    from edgeqat.convert import (
+        concrete_function,
+        converter_for,
+        representative_dataset,
+        run_converter,
+    )
 
     cfg = cfg or PtqConfig()
     if cfg.adaround:
         model = adaround(model, x_calib[: cfg.adaround_samples],
                          iterations=cfg.adaround_iterations)
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [concrete_function(model)], model)
+    converter = converter_for(concrete_function(model))
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative_dataset(x_calib)
     converter.experimental_mlir_quantizer = True
