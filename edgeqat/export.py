@@ -1,8 +1,9 @@
 """Export preparation: make a QAT model compute exactly what its flatbuffer computes.
 
-``prepare_for_export(model, mode, arch)`` snaps biases onto TFLite's int32 grid and
-installs the kernel rounding of ``mode`` on ``arch`` (``edgeqat.requant``). Call it on
-the fine-tuned model before ``convert.to_tflite`` and before comparing the two.
+``prepare_for_export(model, mode, arch)`` gives concatenated tensors one range, settles
+zero points that are rounding ties, snaps biases onto TFLite's int32 grid and installs
+the kernel rounding of ``mode`` on ``arch`` (``edgeqat.requant``). Call it on the
+fine-tuned model before ``convert.to_tflite`` and before comparing the two.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from edgeqat import requant
 from edgeqat.graph import input_quantizers, input_scale, wrapper_classes
 from edgeqat.keras import keras
 from edgeqat.modes import Mode
-from edgeqat.quantizers import Quantizer
+from edgeqat.quantizers import NEAR_ZERO, Quantizer
 
 
 def prepare_for_export(qat_model: keras.Model, mode: str = Mode.INT8,
@@ -24,9 +25,11 @@ def prepare_for_export(qat_model: keras.Model, mode: str = Mode.INT8,
 
     No swap is needed: every edgeqat quantizer's inference-mode graph (the one the
     converter traces with ``training=False``) is a bare FakeQuantWithMinMaxVars[PerChannel]
-    on the learned range; LSQ's custom gradient exists only in training mode. Two things
+    on the learned range; LSQ's custom gradient exists only in training mode. Three things
     make the Keras model's inference mode equal the kernels':
 
+    * an observed range whose zero point is a rounding tie (inputs in exactly
+      ``[-1, 1]``) is stored as the converter rounds it (``whole_zero_points``);
     * biases are put on the int32 grid TFLite stores them on (``snap_biases``);
     * where ``mode``'s kernels round differently from the float graph (int4 weights,
       16x8), the affected outputs round as the kernel does (``requant.install``; left out
@@ -35,6 +38,7 @@ def prepare_for_export(qat_model: keras.Model, mode: str = Mode.INT8,
     The flatbuffer is the same either way.
     """
     share_concat_ranges(qat_model)
+    whole_zero_points(qat_model)
     snap_biases(qat_model)
     requant.install(qat_model, mode, arch)
     return qat_model
@@ -94,6 +98,64 @@ def share_concat_ranges(qat_model: keras.Model) -> int:
             v["min"].assign(lo)
             v["max"].assign(hi)
     return changed
+
+
+def range_owners(qat_model: keras.Model) -> list[tuple]:
+    """Every (activation quantizer, its variables) of ``qat_model``: the input
+    ``QuantizeLayer``s' and the wrappers' output quantizers."""
+    wrapper_cls, quantize_layer_cls = wrapper_classes()
+    owners = []
+    for layer in qat_model.layers:
+        if isinstance(layer, quantize_layer_cls) and layer.quantizer is not None:
+            owners.append((layer.quantizer, layer.quantizer_vars))
+        elif isinstance(layer, wrapper_cls) and getattr(layer, "_output_quantizers", None):
+            owners.append((layer._output_quantizers[0], layer._output_quantizer_vars))
+    return owners
+
+
+# How close to a half a zero point must be for TensorFlow's FakeQuant kernel and the
+# converter to possibly round it differently: both compute it as -min / step, in float32
+# and in double, whose errors at |zero point| <= 2^15 stay far below this.
+ZERO_POINT_TIE = 1e-3
+
+
+def whole_zero_points(qat_model: keras.Model) -> int:
+    """Moves each observed range whose zero point is a rounding tie onto the grid with
+    the zero point the converter chooses.
+
+    FakeQuant puts zero on its grid by rounding the zero point ``-min / step`` (``step =
+    (max - min) / (2^b - 1)``). A range symmetric about zero, such as that of inputs
+    normalized to exactly ``[-1, 1]``, makes it ``127.5``: TensorFlow's kernel, in
+    float32, rounds it to 127 (``[-1, 1]`` becomes ``[-127, 128]`` steps, so 1.0 is kept)
+    and the converter, in double, to 128 (``[-128, 127]``: the int8 input clips 1.0 to
+    127 steps), one step apart on every input pixel at 1.0. Such a range is stored as
+    ``[-z, 2^b - 1 - z]`` steps with ``z`` the tie rounded up, which both then keep
+    (the step is unchanged). Only observed ranges (``observes_range``) below 16 bits are
+    touched: learned and fixed ranges are whole-step multiples already, and 16-bit ranges
+    are symmetric with zero point 0. Changes ``qat_model`` in place.
+
+    Returns:
+      How many ranges were moved.
+    """
+    moved = 0
+    for quantizer, v in range_owners(qat_model):
+        if not (quantizer.observes_range and {"min", "max"} <= set(v)
+                and quantizer.num_bits < 16):
+            continue
+        lo = min(float(v["min"].numpy()), 0.0)  # what the quantizer hands FakeQuant
+        hi = max(float(v["max"].numpy()), 0.0)
+        if hi - lo <= NEAR_ZERO:  # the converter widens it (quantizers.converter_range)
+            continue
+        levels = 2**quantizer.num_bits - 1
+        step = (hi - lo) / levels
+        zero = -lo / step
+        if abs(zero - np.floor(zero) - 0.5) > ZERO_POINT_TIE:
+            continue
+        z = np.floor(zero) + 1.0
+        v["min"].assign(-z * step)
+        v["max"].assign((levels - z) * step)
+        moved += 1
+    return moved
 
 
 def snap_biases(qat_model: keras.Model) -> float:

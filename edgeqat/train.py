@@ -62,8 +62,11 @@ def reestimate_batchnorm(model: keras.Model, x: np.ndarray) -> None:
 
     For models with random or transplanted weights: untouched statistics (mean 0,
     variance 1) shrink deep activations towards ~1e-9, which changes which kernels
-    XNNPACK takes and makes latency and agreement figures meaningless. Changes ``model``
-    in place; its weights are not trained.
+    XNNPACK takes and makes latency and agreement figures meaningless. Also for a model
+    trained for fewer steps than its moving averages need (keras.applications use
+    momentum 0.99-0.999): a MobileNetV2 trained 270 steps on digits scored 9% with the
+    statistics it had, 90% with these. Changes ``model`` in place; its weights are not
+    trained.
     """
     bns = [layer for layer in model.submodules
            if isinstance(layer, keras.layers.BatchNormalization)]

@@ -115,3 +115,38 @@ def test_qat_tensors_are_named_once_per_layer(monkeypatch):
         set(inspect.layers_named(n, layers)) for n in raw]
     probed = {a.layer for a in diagnostics.op_agreement(flat, qat, x[:2])}
     assert {"quant_conv_a", "quant_dw_b", "quant_head"} <= probed
+
+
+@pytest.mark.slow
+def test_a_symmetric_input_range_keeps_the_converters_zero_point():
+    """Inputs in exactly [-1, 1] (MobileNetV2's preprocessing) put FakeQuant's zero point
+    at 127.5: TensorFlow's kernel rounded it to 127 and kept 1.0, the converter to 128 and
+    clipped 1.0 a step lower, so every pixel at 1.0 differed (a trained MobileNetV2 on
+    digits: 27 softmax steps end to end). ``prepare_for_export`` stores the range on the
+    converter's grid, and Keras and TFLite agree exactly."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgeqat import annotate, policy
+    from edgeqat.graph import wrapper_classes
+    from tests.harness_support import output_steps
+
+    inp = keras.Input((4, 4, 1))
+    model = keras.Model(inp, keras.layers.ReLU()(inp))
+    x = np.random.default_rng(0).choice([-1.0, -0.5, 0.0, 0.5, 1.0], (16, 4, 4, 1))
+    x = x.astype(np.float32)
+    x[0, 0, 0, 0], x[1, 0, 0, 0] = -1.0, 1.0  # the range is exactly [-1, 1]
+    qat = annotate.annotate_model(model, policy.uniform(), sample_x=x)
+    quantize_input = next(layer for layer in qat.layers
+                          if isinstance(layer, wrapper_classes()[1]))
+
+    def input_range():
+        return [float(quantize_input.quantizer_vars[k].numpy()) for k in ("min", "max")]
+
+    assert input_range() == [-1.0, 1.0]  # zero point -min / step = 127.5
+    flat = convert.to_tflite(export.prepare_for_export(qat), "int8", calibration=x, qat=True)
+    assert export.whole_zero_points(qat) == 0  # settled: nothing left to move
+    scale, zero = Interpreter(model_content=flat).get_input_details()[0]["quantization"]
+    np.testing.assert_allclose(np.array(input_range()) / scale, [-128 - zero, 127 - zero],
+                               atol=1e-4)
+    steps, same = output_steps(qat, flat, x)
+    assert steps.max() == 0 and same.all()
