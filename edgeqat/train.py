@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from absl import logging
 
 from edgeqat.config import ModelConfig
 from edgeqat.data import Dataset
@@ -49,6 +50,8 @@ def train_float(model: keras.Model, data: Dataset, cfg: ModelConfig) -> TrainedM
         steps = cfg.epochs * int(np.ceil(len(data.x_train) / cfg.batch_size))
         schedule = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, steps, alpha=0.01)
         compile_classifier(model, schedule)
+        logging.info("float training: %d epochs of %d steps", cfg.epochs,
+                     steps // cfg.epochs)
         model.fit(data.x_train, data.y_train, batch_size=cfg.batch_size, epochs=cfg.epochs,
                   validation_data=(data.x_val, data.y_val) if len(data.x_val) else None,
                   verbose=verbosity())
