@@ -38,6 +38,7 @@ def prepare_for_export(qat_model: keras.Model, mode: str = Mode.INT8,
     The flatbuffer is the same either way.
     """
     share_concat_ranges(qat_model)
+    identity_pool_ranges(qat_model)
     whole_zero_points(qat_model)
     snap_biases(qat_model)
     requant.install(qat_model, mode, arch)
@@ -97,6 +98,54 @@ def share_concat_ranges(qat_model: keras.Model) -> int:
             changed += int(float(v["min"].numpy()) != lo or float(v["max"].numpy()) != hi)
             v["min"].assign(lo)
             v["max"].assign(hi)
+    return changed
+
+
+GLOBAL_AVERAGE_POOLS = (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D,
+                        keras.layers.GlobalAveragePooling3D)
+
+
+def identity_pool_ranges(qat_model: keras.Model) -> int:
+    """Gives a global average pooling over a single position its input's range.
+
+    Such a pooling is an identity (at 32 px: the squeeze-excite blocks of MobileNetV3's
+    last stages, its head), and where it keeps the dimensions the converter drops its
+    MEAN with the pooling's FakeQuant: the next op reads the input's tensor, on the
+    input's grid. The Keras model still rounded the values onto the pooling's own range,
+    observed on the same values but averaged over other batches, a little off the
+    input's (MobileNetV3Small: a step 0.05% wider), so a value moved by up to half a step
+    and the convolution after it by up to one. With the input's range that FakeQuant
+    keeps every value; a MEAN the converter keeps (without keepdims) then requantizes
+    onto the same grid, an identity too. Only an observed output range
+    (``observes_range``) fed by an observed range is set. Changes ``qat_model`` in
+    place.
+
+    Returns:
+      How many ranges were changed.
+    """
+    wrapper_cls, _ = wrapper_classes()
+    changed = 0
+    for layer in qat_model.layers:
+        if not (isinstance(layer, wrapper_cls)
+                and isinstance(layer.layer, GLOBAL_AVERAGE_POOLS)
+                and getattr(layer, "_output_quantizers", None)):
+            continue
+        shape = tuple(layer.input_shape)
+        positions = shape[2:] if layer.layer.data_format == "channels_first" else shape[1:-1]
+        if any(d != 1 for d in positions):
+            continue
+        owners = input_quantizers(layer, qat_model)
+        if len(owners) != 1 or owners[0] is None:
+            continue
+        (q_in, v_in), q_out, v_out = (owners[0], layer._output_quantizers[0],
+                                      layer._output_quantizer_vars)
+        if not (q_in.observes_range and q_out.observes_range and q_in.num_bits == q_out.num_bits
+                and {"min", "max"} <= set(v_in) and {"min", "max"} <= set(v_out)):
+            continue
+        same = all(float(v_out[k].numpy()) == float(v_in[k].numpy()) for k in ("min", "max"))
+        for k in ("min", "max"):
+            v_out[k].assign(v_in[k].numpy())
+        changed += int(not same)
     return changed
 
 

@@ -150,3 +150,36 @@ def test_a_symmetric_input_range_keeps_the_converters_zero_point():
                                atol=1e-4)
     steps, same = output_steps(qat, flat, x)
     assert steps.max() == 0 and same.all()
+
+
+@pytest.mark.slow
+def test_pooling_over_one_position_keeps_its_input_range():
+    """A global average pooling over one position (a 32 px network's last stage) is an
+    identity the converter drops with its FakeQuant, so the next op reads the input's
+    grid: ``prepare_for_export`` gives the pooling its input's range, and Keras no longer
+    re-rounds the values onto the pooling's own (observed, slightly different) one."""
+    from edgeqat import annotate, policy
+    from tests.harness_support import output_steps
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((2, 2, 3))
+    x = keras.layers.Conv2D(16, 2)(inp)  # one position
+    x = keras.layers.GlobalAveragePooling2D(keepdims=True)(x)  # as in squeeze-excite
+    model = keras.Model(inp, keras.layers.Flatten()(keras.layers.Conv2D(8, 1)(x)))
+    x = np.random.default_rng(0).normal(size=(64, 2, 2, 3)).astype(np.float32)
+    qat = annotate.annotate_model(model, policy.uniform(), sample_x=x)
+    pool = next(layer for layer in qat.layers
+                if isinstance(getattr(layer, "layer", None), keras.layers.GlobalAveragePooling2D))
+    conv = next(layer for layer in qat.layers  # the first: the pooling's input
+                if isinstance(getattr(layer, "layer", None), keras.layers.Conv2D))
+
+    def ranges(layer):
+        return [float(layer._output_quantizer_vars[k].numpy()) for k in ("min", "max")]
+
+    for v in pool._output_quantizer_vars["min"], pool._output_quantizer_vars["max"]:
+        v.assign(v * 1.3)  # as if it had drifted from its input's over other batches
+    flat = convert.to_tflite(export.prepare_for_export(qat), "int8", calibration=x, qat=True)
+    assert ranges(pool) == ranges(conv)
+    assert "MEAN" not in [op.name for op in inspect.list_ops(flat)]  # dropped: an identity
+    steps, same = output_steps(qat, flat, x)
+    assert steps.max() == 0 and same.all()
