@@ -101,7 +101,7 @@ MODES: dict[Mode, ModeSpec] = {
         Mode.INT8, "int8", ops="TFLITE_BUILTINS_INT8", ops_need_calibration=True,
         io_type="int8", low_bit_qat=False, activation_bits=(2, 8), qat_calibration=True,
         widen_qat_biases=False, ptq_route=PtqRoute.CALIBRATE_QUANTIZE,
-        kernel_rounding=None),
+        kernel_rounding="int8_kernels"),
     Mode.INT16X8: ModeSpec(
         Mode.INT16X8, "16x8", ops="EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8",
         ops_need_calibration=False, io_type="int16", low_bit_qat=False,

@@ -15,7 +15,12 @@ single-layer models run on this x86_64 machine and on an emulated Cortex-A72 (aa
 * ``int16x8``, both: the 16-bit kernels multiply by the multiplier cut to 15 bits
   (``MultiplyByQuantizedMultiplier(int64_t, ...)``), off by up to 2^-16 relative: up to
   half a step at the top of the int16 range.
-* ``int8``: XNNPACK requantizes with one rounding on both; nothing to install. The int8
+* ``int8``: XNNPACK requantizes with one rounding, ``float32(acc) * float32 scale``
+  rounded half to even (``xnnpack_fp32``). The float graph rounds once too, but its
+  float32 convolution lands a few values in a million on the other side of a near-tie,
+  and a deep network amplifies them (ResNet50 at 32 px, trained: 13-39 softmax steps on
+  a few of 64 inputs). Emulated in integers on x86_64, it is bit-exact there (0 steps).
+  The int8
   ``BATCH_MATMUL`` (attention in ``edgeqat.lm``) is XNNPACK's only when its right
   operand's zero point is 0 (``xnnpack_fp32``); the builtin kernel rounds twice, ties
   away from zero (``gemmlowp_rounding``), on both: ``batch_matmul_rule``,
@@ -38,7 +43,7 @@ import numpy as np
 
 from edgeqat import hooks, layer_kinds, modes
 from edgeqat import quantize_configs as qc
-from edgeqat.graph import input_scale, wrapper_classes
+from edgeqat.graph import input_quantizers, input_scale, wrapper_classes
 from edgeqat.keras import keras, tf
 from edgeqat.quantizers import Quantizer
 
@@ -192,15 +197,44 @@ class KernelRounding(hooks.Hook):
         self.out_scale = float(scale)
         m = self.grid / widened(scale)  # TFLite: double(s_in) * double(s_w) / double(s_out)
         self.q, self.shift = quantize_multiplier(m)
+        # XNNPACK: float(s_in) * float(s_w) / float(s_out), all in float32 (the product of
+        # two float32 values is exact in float64, so rounding it once is float32's).
+        self.fp32_scale = np.asarray(self.grid, np.float32) / np.float32(scale)
 
     def call(self, inputs, training, weights, **kwargs):
         if not training:
             acc = tf.cast(inputs, tf.float64) / tf.constant(self.grid)
             if self.rule != "multiplier_15bit":
                 acc = tf.cast(tf.round(acc), tf.int64)  # exact: Keras adds on-grid values
-            out = RULES[self.rule](acc, self.q, self.shift)
+            if self.rule == "xnnpack_fp32":
+                out = xnnpack_fp32(acc, self.fp32_scale)
+            else:
+                out = RULES[self.rule](acc, self.q, self.shift)
             inputs = tf.cast(tf.cast(out, tf.float64) * self.out_scale, inputs.dtype)
         return self.quantizer(inputs, training, weights, **kwargs)
+
+
+def _install_product(wrapper, model: keras.Model, mode: str, arch: str) -> bool:
+    """An 8-bit ``Multiply`` of two quantized inputs (squeeze-excite, swish's
+    ``x * sigmoid(x)``) is TFLite's MUL: ``(a - za) * (b - zb)`` exactly, requantized by
+    ``s_a * s_b / s_out``; where XNNPACK's rounding is emulated (``xnnpack_fp32``) the
+    product rounds as its MUL does. Returns whether a hook was installed."""
+    owners = input_quantizers(wrapper, model)
+    if len(owners) != 2 or any(o is None for o in owners) or \
+            not getattr(wrapper, "_output_quantizers", None):
+        return False
+    oq = wrapper._output_quantizers[0]
+    quantizers = [hooks.bare(q) for q in (oq, *(q for q, _ in owners))]  # an input's
+    # producer may already round as its kernel does
+    if not all(isinstance(q, Quantizer) and q.num_bits == 8 for q in quantizers) or \
+            rule_for(mode, 8, arch) != "xnnpack_fp32":
+        return False
+    (qa, va), (qb, vb) = owners
+    grid = widened(qa.scale(va)) * widened(qb.scale(vb))
+    hooks.install(hooks.Slot(wrapper, "output"),
+                  KernelRounding(oq, "xnnpack_fp32", grid,
+                                 oq.scale(wrapper._output_quantizer_vars)))
+    return True
 
 
 def _output_site(wrapper):
@@ -229,14 +263,27 @@ def host_arch() -> str:
     return normalize_arch(platform.machine())
 
 
+# Where XNNPACK's int8 CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED (per-channel and
+# per-tensor weights) were measured to round as ``xnnpack_fp32``, bit for bit: a trained
+# ResNet50 at 32 px end to end, 0 steps on 64 inputs (13-39 steps with the float graph's
+# rounding, from a few near-ties in a million values amplified over 50 layers). Not yet
+# on aarch64, whose per-tensor kernels may requantize otherwise ("rndnu").
+XNNPACK_FP32_ARCHS = ("x86_64",)
+
+
+def _int8_kernels(weight_bits: int, arch: str, positions: int | None) -> str | None:
+    """8-bit weights: XNNPACK's single float32 rounding where measured, else None."""
+    return "xnnpack_fp32" if weight_bits == 8 and arch in XNNPACK_FP32_ARCHS else None
+
+
 def _int4_kernels(weight_bits: int, arch: str, positions: int | None) -> str | None:
     """int4 on x86_64: two roundings, whatever the shape; on aarch64: one rounding, except
     where the output has a single position (a matrix-vector product: a dense layer as a
     1x1 convolution, a convolution whose output is 1x1), which rounds twice as on x86_64.
     Both emulated in int64, so near-ties round as on the device. 8-bit layers: XNNPACK's
-    single rounding."""
+    single rounding (``_int8_kernels``)."""
     if weight_bits > 4:
-        return None
+        return _int8_kernels(weight_bits, arch, positions)
     if arch == "x86_64" or (arch == "aarch64" and positions == 1):
         return "double_rounding"
     return "single_rounding" if arch == "aarch64" else None
@@ -249,7 +296,8 @@ def _multiplier_15bit(weight_bits: int, arch: str, positions: int | None) -> str
 
 # A mode's ``kernel_rounding`` (``modes.ModeSpec``) -> (weight bits, arch, positions) ->
 # the ``RULES`` entry its kernels follow there, or None (the float graph's rounding).
-KERNEL_ROUNDING = {"int4_kernels": _int4_kernels, "multiplier_15bit": _multiplier_15bit}
+KERNEL_ROUNDING = {"int8_kernels": _int8_kernels, "int4_kernels": _int4_kernels,
+                   "multiplier_15bit": _multiplier_15bit}
 
 
 def rule_for(mode: str, weight_bits: int, arch: str, positions: int | None = None) -> str | None:
@@ -288,6 +336,10 @@ def install(model: keras.Model, mode: str, arch: str | None = None) -> list[str]
     wrapper_cls, _ = wrapper_classes()
     done = []
     for layer in model.layers:
+        if isinstance(layer, wrapper_cls) and isinstance(layer.layer, keras.layers.Multiply):
+            if _install_product(layer, model, mode, arch):
+                done.append(layer.name)
+            continue
         row = layer_kinds.weighted(layer.layer) if isinstance(layer, wrapper_cls) else None
         if row is None or not row.kernel_rounding or not layer._weight_vars:
             continue

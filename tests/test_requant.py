@@ -140,11 +140,12 @@ def test_rules_per_mode_and_cpu():
     assert requant.rule_for("int4_weights", 4, "arm64", positions=64) == "single_rounding"
     assert requant.rule_for("int4_weights", 4, "aarch64", positions=1) == "double_rounding"
     assert requant.rule_for("int4_weights", 4, "aarch64") == "single_rounding"  # unknown
-    assert requant.rule_for("int4_weights", 8, "x86_64") is None  # 8-bit layers: XNNPACK
+    assert requant.rule_for("int4_weights", 8, "x86_64") == "xnnpack_fp32"  # 8-bit layers
     assert requant.rule_for("int4_weights", 4, "riscv64") is None  # not measured
     assert {requant.rule_for("int16x8", 8, a) for a in ("x86_64", "aarch64")} == {
         "multiplier_15bit"}
-    assert requant.rule_for("int8", 8, "x86_64") is None
+    assert requant.rule_for("int8", 8, "x86_64") == "xnnpack_fp32"
+    assert requant.rule_for("int8", 8, "aarch64") is None  # not measured there yet
 
 
 def test_single_rounding_golden():
@@ -170,7 +171,9 @@ def test_int4_keras_equals_litert_and_flatbuffer_unchanged():
     qat = annotate.annotate_model(_small_model(), pol, sample_x=x)
     qat(x, training=True)  # ranges from data
     export.prepare_for_export(qat, "int8")
-    assert requant.install(qat, "int8") == []  # XNNPACK rounds once: nothing to emulate
+    # 4-bit layers in an int8 model: XNNPACK's rounding where it is emulated (8-bit
+    # weights are what XNNPACK's int8 kernels take; a 4-bit grid is still 8-bit storage).
+    requant.remove(qat)
     plain = qat.predict(x, verbose=0)
     flat = convert.to_tflite(qat, "int4_weights", qat=True)
     done = requant.install(qat, "int4_weights")  # this machine's CPU
@@ -228,3 +231,37 @@ def test_activation_relu_layer_is_a_fused_site():
         flat = convert.to_tflite(qat, "int4_weights", qat=True)
         y_lite, step = diagnostics.run_tflite(flat, x), diagnostics.output_scale(flat)
         assert np.max(np.abs(qat.predict(x, verbose=0) - y_lite)) / step < 1e-3
+
+
+def _product_model():
+    """Swish (``x * sigmoid(x)``: LOGISTIC and MUL) and a squeeze-excite MUL between
+    convolutions, a per-tensor dense head: every op kind XNNPACK requantizes."""
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((8, 8, 3))
+    h = L.Activation("swish")(L.Conv2D(16, 3, padding="same")(inp))
+    s = L.Conv2D(16, 1, activation="sigmoid")(L.GlobalAveragePooling2D(keepdims=True)(h))
+    h = L.Conv2D(8, 1)(L.Multiply()([h, s]))
+    return keras.Model(inp, L.Dense(4)(L.GlobalAveragePooling2D()(h)))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(requant.host_arch() not in requant.XNNPACK_FP32_ARCHS,
+                    reason="XNNPACK's int8 rounding is emulated on x86_64 only")
+def test_int8_keras_rounds_as_xnnpack_op_by_op():
+    """int8: every CONV_2D, FULLY_CONNECTED and MUL output of the Keras QAT model fed the
+    op's own inputs equals XNNPACK's exactly (0 steps), not just within a rounding tie."""
+    x = np.random.default_rng(0).normal(size=(256, 8, 8, 3)).astype(np.float32)
+    qat = annotate.annotate_model(_product_model(), policy.uniform(), sample_x=x)
+    qat(x, training=True)
+    export.prepare_for_export(qat, "int8")
+    flat = convert.to_tflite(qat, "int8", calibration=x[:16], qat=True)
+    done = requant.install(qat, "int8")
+    kinds = sorted(type(qat.get_layer(n).layer).__name__ for n in done)
+    assert kinds == ["Conv2D"] * 3 + ["Dense"] + ["Multiply"] * 2, kinds
+    local = diagnostics.op_agreement(flat, qat, x)
+    emulated = [a for a in local if a.op in ("CONV_2D", "MUL", "FULLY_CONNECTED")]
+    assert sorted(a.op for a in emulated) == ["CONV_2D"] * 3 + ["FULLY_CONNECTED"] + \
+        ["MUL"] * 2
+    assert max(a.max_steps for a in emulated) < 1e-3, max(emulated, key=lambda a: a.max_steps)
+    # The rest (LOGISTIC, MEAN) within a rounding tie, as before.
+    assert max(a.max_steps for a in local) <= 1 + 1e-3
