@@ -1,4 +1,5 @@
-"""Coverage acceptance: real architectures annotate, train a step, convert fully integer.
+"""Coverage acceptance: real architectures annotate, train, convert fully integer, and
+(keras.applications, trained on digits) agree with their TFLite models end to end.
 
 Conversion passes calibration samples because TF 2.21's converter refuses full-integer
 conversion without a representative dataset even for QAT models (its parameter check
@@ -10,8 +11,18 @@ MultiHeadAttention) that carry no FakeQuant.
 import numpy as np
 import pytest
 
-from edgeqat import annotate, convert, diagnostics, export, inspect, models, policy, train
-from edgeqat.keras import keras
+from edgeqat import (
+    annotate,
+    convert,
+    diagnostics,
+    export,
+    inspect,
+    models,
+    policy,
+    train,
+    validate,
+)
+from edgeqat.keras import keras, tf
 
 L = keras.layers
 RNG = np.random.default_rng(0)
@@ -30,22 +41,26 @@ def transformer_block():
 
 
 APPS = keras.applications
-# Every architecture benchmarks/applications.py measures, at small input sizes.
+# Every architecture benchmarks/applications.py measures, at small input sizes (keyword
+# arguments go to the keras.applications builder).
 MODELS = {
-    "MobileNetV2": lambda: APPS.MobileNetV2((32, 32, 3), alpha=0.35, weights=None, classes=10),
-    "MobileNetV3Small": lambda: APPS.MobileNetV3Small((32, 32, 3), alpha=0.75, weights=None,
-                                                      classes=10),
-    "MobileNetV3Large": lambda: APPS.MobileNetV3Large((32, 32, 3), alpha=0.75, weights=None,
-                                                      classes=10),
-    "EfficientNetB0": lambda: APPS.EfficientNetB0(weights=None, input_shape=(32, 32, 3),
-                                                  classes=10),
-    "EfficientNetV2B0": lambda: APPS.EfficientNetV2B0(weights=None, input_shape=(32, 32, 3),
-                                                      classes=10),
-    "ResNet50": lambda: APPS.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10),
-    "DenseNet121": lambda: APPS.DenseNet121(weights=None, input_shape=(32, 32, 3),
-                                            classes=10),
-    "ConvNeXtTiny": lambda: APPS.ConvNeXtTiny(weights=None, input_shape=(32, 32, 3),
-                                              classes=10),
+    "MobileNetV2": lambda **kw: APPS.MobileNetV2((32, 32, 3), alpha=0.35, weights=None,
+                                                 classes=10, **kw),
+    "MobileNetV3Small": lambda **kw: APPS.MobileNetV3Small((32, 32, 3), alpha=0.75,
+                                                           weights=None, classes=10, **kw),
+    "MobileNetV3Large": lambda **kw: APPS.MobileNetV3Large((32, 32, 3), alpha=0.75,
+                                                           weights=None, classes=10, **kw),
+    "EfficientNetB0": lambda **kw: APPS.EfficientNetB0(weights=None, input_shape=(32, 32, 3),
+                                                       classes=10, **kw),
+    "EfficientNetV2B0": lambda **kw: APPS.EfficientNetV2B0(weights=None,
+                                                           input_shape=(32, 32, 3),
+                                                           classes=10, **kw),
+    "ResNet50": lambda **kw: APPS.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10,
+                                           **kw),
+    "DenseNet121": lambda **kw: APPS.DenseNet121(weights=None, input_shape=(32, 32, 3),
+                                                 classes=10, **kw),
+    "ConvNeXtTiny": lambda **kw: APPS.ConvNeXtTiny(weights=None, input_shape=(32, 32, 3),
+                                                   classes=10, **kw),
     "Conv1D": lambda: models.mnist1d_cnn((40, 1), 10),
     "Transformer": transformer_block,
 }
@@ -63,8 +78,6 @@ def _convert(name):
     keras.utils.set_random_seed(0)
     model = MODELS[name]()
     x = inputs_for(model, 8)
-    if name in IMAGE_MODELS:
-        train.reestimate_batchnorm(model, x)  # random weights: realistic activations
     qat = annotate.annotate_model(model, policy.uniform(), sample_x=x)
     qat.compile(keras.optimizers.SGD(1e-3),
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -74,10 +87,9 @@ def _convert(name):
     return model, qat, flat
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(MODELS))
-def test_annotate_train_convert_full_integer(name):
-    model, qat, flat = _convert(name)
+def check_full_integer(name: str, flat: bytes, qat, x: np.ndarray) -> None:
+    """``flat`` is fully integer (int8 out; int8 in, or the token ids), and op by op
+    ``qat`` computes what it computes on the inputs ``x``."""
     ops = inspect.require_full_integer(flat, name)  # raises naming any float op
     assert ops
     from ai_edge_litert.interpreter import Interpreter
@@ -95,18 +107,91 @@ def test_annotate_train_convert_full_integer(name):
     if name != "Transformer":  # (attention's internals are no Keras layers of their own)
         # Op by op, the Keras QAT model computes what the flatbuffer computes: each op
         # fed its own TFLite inputs is within one step (a rounding tie) of Keras.
-        local = diagnostics.op_agreement(flat, qat, inputs_for(model, 4))
+        local = diagnostics.op_agreement(flat, qat, x)
         weighted = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
         assert sorted(a.op for a in local if a.op in weighted) == \
             sorted(n for n in names if n in weighted)  # every weighted op is checked
         worst = max(local, key=lambda a: a.max_steps)
         assert worst.max_steps <= 1 + 1e-3, worst
-        # End to end, a deep random-weight network amplifies those rare one-step ties
-        # from layer to layer (ResNet50 at 32 px: 0.02 steps RMS after the first residual
-        # add, 13 at the logits) until its saturated softmax flips between classes, and
-        # TFLite's own kernel sets (XNNPACK and the builtin kernels) then disagree with
-        # each other as much as with Keras: no simulation can be held to 2 steps there.
-        # End-to-end agreement is asserted on trained models (tests/test_fidelity.py).
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in MODELS if n not in IMAGE_MODELS])
+def test_annotate_train_convert_full_integer(name):
+    """Random weights, one training step; the image models are trained below."""
+    model, qat, flat = _convert(name)
+    check_full_integer(name, flat, qat, inputs_for(model, 4))
+
+
+def digits_images(pixels: bool) -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's 8x8 digits (bundled: offline) as 32x32 RGB images, each pixel a 4x4
+    block, in a fixed shuffled order: values 0..255 for a model that preprocesses its
+    input itself, else [-1, 1] (MobileNetV2's preprocessing)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.kron(d.images / 16.0, np.ones((4, 4)))[..., None].repeat(3, axis=-1)
+    x = (x * 255.0 if pixels else x * 2.0 - 1.0).astype(np.float32)
+    order = np.random.default_rng(0).permutation(len(x))
+    return x[order], d.target[order].astype(np.int32)
+
+
+# Float training steps (batch 32, Adam, cosine decay from 3e-3) on digits: 80-99% on
+# held-out images (MobileNetV2 0.35 the lowest), then 20 QAT steps (Adam 1e-4).
+# ConvNeXtTiny's steps cost 5x the others'.
+FLOAT_STEPS, QAT_STEPS = {"ConvNeXtTiny": 45}, 20
+# TFLite's int8 AVERAGE_POOL_2D rounds its raw sum half away from zero, onto its input's
+# grid; Keras passes the exact mean on (10% of DenseNet121's pooled values half a step
+# off, 3 output steps end to end on 1 of these 16 images). Not emulated yet.
+NOT_EXACT = {"DenseNet121": "AVERAGE_POOL_2D's rounding is not emulated"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
+    reason=NOT_EXACT[n], strict=True)) if n in NOT_EXACT else n for n in IMAGE_MODELS])
+def test_trained_application_agrees_with_its_tflite_model(name, record_property):
+    """Each keras.applications architecture, trained on digits, annotated, fine-tuned and
+    converted: fully integer, no QUANTIZE/DEQUANTIZE, op by op within a rounding tie, and
+    end to end its int8 outputs (softmax, as the model ships) on 16 held-out images are
+    within 2 steps of the Keras QAT model's, with the same top-1.
+
+    End to end holds because the Keras model rounds where XNNPACK rounds
+    (``requant.install``: ``float32(acc) * scale`` half to even on every 8-bit CONV_2D,
+    DEPTHWISE_CONV_2D, FULLY_CONNECTED and MUL). With the float graph's rounding a few
+    near-ties in a million values, amplified over 50 layers, moved single images by 6-39
+    steps (EfficientNetB0, ResNet50), where XNNPACK and TFLite's builtin kernels differ by
+    13-108 steps from each other.
+    """
+    keras.utils.set_random_seed(0)
+    model = MODELS[name]()
+    pixels = any(isinstance(layer, (L.Rescaling, L.Normalization))
+                 for layer in model.submodules)
+    x, y = digits_images(pixels)
+    x_test, y_test, x_train, y_train = x[:360], y[:360], x[360:], y[360:]
+    batches = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(
+        len(x_train), seed=0).repeat().batch(32)
+    steps = FLOAT_STEPS.get(name, 200)
+    schedule = keras.optimizers.schedules.CosineDecay(3e-3, steps, alpha=0.01)
+    model.compile(keras.optimizers.Adam(schedule), keras.losses.SparseCategoricalCrossentropy())
+    model.fit(batches, steps_per_epoch=steps, verbose=0)
+    # The BN moving averages (momentum 0.99-0.999) lag far behind so few steps.
+    train.reestimate_batchnorm(model, x_train[:256])
+    accuracy = float(np.mean(np.argmax(model(x_test, training=False), -1) == y_test))
+    record_property("float_accuracy", accuracy)
+    assert accuracy >= 0.7, f"{name} is not trained: held-out accuracy {accuracy:.3f}"
+
+    qat = annotate.annotate_model(model, policy.uniform(), sample_x=x_train[:64])
+    qat.compile(keras.optimizers.Adam(1e-4), keras.losses.SparseCategoricalCrossentropy())
+    qat.fit(batches, steps_per_epoch=QAT_STEPS, verbose=0)
+    export.prepare_for_export(qat)
+    flat = convert.to_tflite(qat, "int8", calibration=x_train[:8], qat=True)
+    check_full_integer(name, flat, qat, x_test[:2])
+
+    x16 = x_test[:16]
+    agree = validate.agreement(np.asarray(qat(x16, training=False)),
+                               diagnostics.run_tflite(flat, x16), diagnostics.output_scale(flat))
+    record_property("agreement", str(agree))
+    assert agree.top1 == 1.0 and agree.max_abs_steps <= 2 + 1e-3, agree
 
 
 @pytest.mark.slow
@@ -118,3 +203,4 @@ def test_plain_tfmot_quantize_model_refuses(name):
 
     with pytest.raises((ValueError, RuntimeError, TypeError, AttributeError)):
         tfmot.quantization.keras.quantize_model(MODELS[name]())
+
