@@ -13,6 +13,7 @@ import numpy as np
 from edgeqat import requant
 from edgeqat.graph import input_quantizers, input_scale, wrapper_classes
 from edgeqat.keras import keras
+from edgeqat.layer_kinds import AVERAGE_POOLS
 from edgeqat.modes import Mode
 from edgeqat.quantizers import NEAR_ZERO, Quantizer
 
@@ -37,7 +38,7 @@ def prepare_for_export(qat_model: keras.Model, mode: str = Mode.INT8,
 
     The flatbuffer is the same either way.
     """
-    share_concat_ranges(qat_model)
+    share_scale_ranges(qat_model)
     identity_pool_ranges(qat_model)
     whole_zero_points(qat_model)
     snap_biases(qat_model)
@@ -45,13 +46,16 @@ def prepare_for_export(qat_model: keras.Model, mode: str = Mode.INT8,
     return qat_model
 
 
-def share_concat_ranges(qat_model: keras.Model) -> int:
-    """Gives a concatenation's output and every input one range (the union of theirs).
+def share_scale_ranges(qat_model: keras.Model) -> int:
+    """Gives a concatenation's or an average pooling's output and every input one range
+    (the union of theirs).
 
     TFLite's int8 CONCATENATION needs its inputs on its output's scale; the converter
     inserts a requantizing QUANTIZE op before each input whose range differs (DenseNet's
-    dense blocks, Inception's mixed blocks). Ranges linked through concatenations (the
-    input of one is the output of another, as in DenseNet) form one group. Only observed
+    dense blocks, Inception's mixed blocks). AVERAGE_POOL_2D needs its output on its
+    input's scale, and the converter refuses a model where they differ (DenseNet's
+    transitions). Ranges linked through such layers (the input of one is the output of
+    another, as in DenseNet) form one group. Only observed
     ranges (``observes_range``: min/max trackers) are widened; a group holding a learned
     or fixed range is left as it is. Changes ``qat_model`` in place.
 
@@ -75,8 +79,8 @@ def share_concat_ranges(qat_model: keras.Model) -> int:
         return key
 
     for layer in qat_model.layers:
-        if not (isinstance(layer, wrapper_cls) and isinstance(layer.layer,
-                                                              keras.layers.Concatenate)):
+        if not (isinstance(layer, wrapper_cls)
+                and isinstance(layer.layer, (keras.layers.Concatenate, *AVERAGE_POOLS))):
             continue
         if not getattr(layer, "_output_quantizers", None):
             continue

@@ -88,21 +88,23 @@ WEIGHTED: dict[type, WeightedKind] = {
     ChannelAffine: WeightedKind(("kernel",), False),  # QAT models saved before ChannelOp
 }
 
-# AVERAGE_POOL_2D's int8 kernel requires its output scale to equal its input's (the
-# converter refuses a separately trained range: DenseNet's transitions): pass-through, so
-# the output keeps the input's grid.
 PASSTHROUGH = (
     L.InputLayer, L.Reshape, L.Flatten, L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D,
-    L.AveragePooling1D, L.AveragePooling2D,
     L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.Dropout, L.SpatialDropout1D,
     L.SpatialDropout2D, L.GaussianNoise, L.GaussianDropout, L.AlphaDropout,
     L.ZeroPadding1D, L.ZeroPadding2D, L.Cropping1D, L.Cropping2D, L.Permute,
     L.UpSampling1D, L.RepeatVector, L.ActivityRegularization,
 )
 
+# AVERAGE_POOL_2D's int8 kernel requires its output scale to equal its input's (the
+# converter refuses a separately trained range: DenseNet's transitions) and rounds the mean
+# onto that grid: its output is quantized, on its input's range at export
+# (``export.share_scale_ranges``), rounded as the kernel rounds (``requant.install``).
+AVERAGE_POOLS = (L.AveragePooling1D, L.AveragePooling2D)
+
 OUTPUT_ONLY = (
     L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum, L.Concatenate,
-    L.GlobalAveragePooling1D,
+    *AVERAGE_POOLS, L.GlobalAveragePooling1D,
     L.GlobalAveragePooling2D, L.ReLU, L.LeakyReLU, L.Softmax, L.Activation,
     L.LayerNormalization, ScalarOp, ChannelOp, ChannelMean, Rsqrt, L.UpSampling2D,
 )

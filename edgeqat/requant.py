@@ -19,8 +19,10 @@ single-layer models run on this x86_64 machine and on an emulated Cortex-A72 (aa
   rounded half to even (``xnnpack_fp32``). The float graph rounds once too, but its
   float32 convolution lands a few values in a million on the other side of a near-tie,
   and a deep network amplifies them (ResNet50 at 32 px, trained: 13-39 softmax steps on
-  a few of 64 inputs). Emulated in integers on x86_64, it is bit-exact there (0 steps).
-  The int8
+  a few of 64 inputs). Emulated in integers on x86_64, it is bit-exact there (0 steps);
+  so are its MUL and MEAN (the latter adds the output zero point before rounding).
+  AVERAGE_POOL_2D (builtin kernel) rounds its raw sum half away from zero
+  (``PoolRounding``). Not emulated: ADD (XNNPACK's 20-bit fixed-point multipliers). The int8
   ``BATCH_MATMUL`` (attention in ``edgeqat.lm``) is XNNPACK's only when its right
   operand's zero point is 0 (``xnnpack_fp32``); the builtin kernel rounds twice, ties
   away from zero (``gemmlowp_rounding``), on both: ``batch_matmul_rule``,
@@ -114,12 +116,16 @@ def gemmlowp_rounding(acc, q, shift):
     return down + tf.cast(rest > threshold, tf.int64)
 
 
-def xnnpack_fp32(acc, scale: np.float32):
+def xnnpack_fp32(acc, scale: np.float32, zero_point: int = 0):
     """XNNPACK's int8 requantization ("fp32"): ``float32(acc) * scale`` in float32 (the
     scale ``s_a * s_b / s_out`` computed in float32), rounded half to even. Measured:
     every output of an XNNPACK-delegated int8 BATCH_MATMUL, x86_64 and emulated
-    Cortex-A72."""
-    return tf.cast(tf.round(tf.cast(acc, tf.float32) * scale), tf.int64)
+    Cortex-A72. Its MEAN adds the output zero point in float32 before rounding (a tie
+    then breaks by the sum's parity): ``zero_point``; returned less it."""
+    scaled = tf.cast(acc, tf.float32) * scale
+    if zero_point:
+        return tf.cast(tf.round(scaled + np.float32(zero_point)), tf.int64) - zero_point
+    return tf.cast(tf.round(scaled), tf.int64)
 
 
 def int8_grid(lo: float, hi: float) -> tuple[np.float32, int]:
@@ -190,7 +196,7 @@ class KernelRounding(hooks.Hook):
     only.
     """
 
-    def __init__(self, quantizer, rule: str, grid, scale):
+    def __init__(self, quantizer, rule: str, grid, scale, fp32_scale=None, zero_point=0):
         super().__init__(quantizer)
         self.rule = rule
         self.grid = np.asarray(grid, np.float64)
@@ -199,7 +205,9 @@ class KernelRounding(hooks.Hook):
         self.q, self.shift = quantize_multiplier(m)
         # XNNPACK: float(s_in) * float(s_w) / float(s_out), all in float32 (the product of
         # two float32 values is exact in float64, so rounding it once is float32's).
-        self.fp32_scale = np.asarray(self.grid, np.float32) / np.float32(scale)
+        self.fp32_scale = np.asarray(self.grid, np.float32) / np.float32(scale) \
+            if fp32_scale is None else np.float32(fp32_scale)
+        self.zero_point = int(zero_point)  # added before rounding (``xnnpack_fp32``)
 
     def call(self, inputs, training, weights, **kwargs):
         if not training:
@@ -207,7 +215,7 @@ class KernelRounding(hooks.Hook):
             if self.rule != "multiplier_15bit":
                 acc = tf.cast(tf.round(acc), tf.int64)  # exact: Keras adds on-grid values
             if self.rule == "xnnpack_fp32":
-                out = xnnpack_fp32(acc, self.fp32_scale)
+                out = xnnpack_fp32(acc, self.fp32_scale, self.zero_point)
             else:
                 out = RULES[self.rule](acc, self.q, self.shift)
             inputs = tf.cast(tf.cast(out, tf.float64) * self.out_scale, inputs.dtype)
@@ -234,6 +242,84 @@ def _install_product(wrapper, model: keras.Model, mode: str, arch: str) -> bool:
     hooks.install(hooks.Slot(wrapper, "output"),
                   KernelRounding(oq, "xnnpack_fp32", grid,
                                  oq.scale(wrapper._output_quantizer_vars)))
+    return True
+
+
+GLOBAL_AVERAGE_POOLS = (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D)
+
+
+def _install_mean(wrapper, model: keras.Model, mode: str, arch: str) -> bool:
+    """An 8-bit global average pooling over ``n`` > 1 positions is XNNPACK's int8 MEAN:
+    the exact sum of ``q - z_in`` requantized by ``s_in / (s_out * n)`` in float32, half
+    to even after adding the output zero point in float32 (measured on x86_64: every
+    output of 512 samples; the builtin kernel differs on 8%). Returns whether a hook was
+    installed."""
+    owners = input_quantizers(wrapper, model)
+    if len(owners) != 1 or owners[0] is None or \
+            not getattr(wrapper, "_output_quantizers", None):
+        return False
+    (q_in, v_in), oq = owners[0], wrapper._output_quantizers[0]
+    spatial = tuple(wrapper.input_shape)[1:-1]
+    if wrapper.layer.data_format == "channels_first" or any(d is None for d in spatial):
+        return False
+    n = int(np.prod(spatial))
+    if n < 2 or not all(isinstance(hooks.bare(q), Quantizer) and q.num_bits == 8
+                        for q in (q_in, oq)) or rule_for(mode, 8, arch) != "xnnpack_fp32":
+        return False
+    v_out = wrapper._output_quantizer_vars
+    if not {"min", "max"} <= set(v_out):
+        return False
+    s_in, s_out = q_in.scale(v_in), oq.scale(v_out)
+    fp32 = np.float32(s_in) / (np.float32(s_out) * np.float32(n))
+    _, zero = int8_grid(float(v_out["min"].numpy()), float(v_out["max"].numpy()))
+    hooks.install(hooks.Slot(wrapper, "output"),
+                  KernelRounding(oq, "xnnpack_fp32", widened(s_in) / n, s_out, fp32, zero))
+    return True
+
+
+class PoolRounding(hooks.Hook):
+    """An average pooling's output quantizer hook that first rounds as TFLite's int8
+    AVERAGE_POOL_2D does: the sum of the window's raw int8 values (zero point included)
+    divided by the window size, half away from zero, on the input's grid (which is the
+    output's). Keras's exact mean lands half a step off on a tie, the kernel's rounding
+    direction (the quantizer's rounding is half up, of values offset by the range's
+    minimum). Inference mode only."""
+
+    def __init__(self, quantizer, grid: tuple[float, int], count: int):
+        super().__init__(quantizer)
+        self.grid, self.count = (float(grid[0]), int(grid[1])), int(count)
+
+    def call(self, inputs, training, weights, **kwargs):
+        if not training:
+            (scale, zero), n = self.grid, self.count
+            total = tf.round((tf.cast(inputs, tf.float64) / scale + zero) * n)  # exact
+            half = float(n // 2)
+            raw = tf.where(total >= 0, tf.math.floordiv(total + half, n),
+                           -tf.math.floordiv(half - total, n))
+            inputs = tf.cast((raw - zero) * scale, inputs.dtype)
+        return self.quantizer(inputs, training, weights, **kwargs)
+
+
+def _install_pool(wrapper, model: keras.Model) -> bool:
+    """An 8-bit average pooling with valid padding whose output range is its input's
+    (``export.share_scale_ranges``): every window holds ``prod(pool_size)`` values, and
+    the output rounds as the int8 kernel's (the builtin one; measured on x86_64, the same
+    integer code on every CPU). Returns whether a hook was installed."""
+    owners = input_quantizers(wrapper, model)
+    if len(owners) != 1 or owners[0] is None or \
+            not getattr(wrapper, "_output_quantizers", None) or wrapper.layer.padding != "valid":
+        return False
+    (q_in, v_in), oq, v_out = owners[0], wrapper._output_quantizers[0], \
+        wrapper._output_quantizer_vars
+    if not all(isinstance(hooks.bare(q), Quantizer) and q.num_bits == 8 for q in (q_in, oq)) \
+            or not ({"min", "max"} <= set(v_in) and {"min", "max"} <= set(v_out)):
+        return False
+    grid_in, grid_out = ([int8_grid(float(v["min"].numpy()), float(v["max"].numpy()))
+                          for v in (v_in, v_out)])
+    if grid_in != grid_out:
+        return False
+    hooks.install(hooks.Slot(wrapper, "output"),
+                  PoolRounding(oq, grid_out, int(np.prod(wrapper.layer.pool_size))))
     return True
 
 
@@ -321,7 +407,7 @@ def _positions(wrapper) -> int | None:
 
 def remove(model: keras.Model) -> None:
     """Takes installed kernel rounding off ``model`` (in place)."""
-    hooks.remove(model, KernelRounding)
+    hooks.remove(model, (KernelRounding, PoolRounding))
 
 
 def install(model: keras.Model, mode: str, arch: str | None = None) -> list[str]:
@@ -338,6 +424,14 @@ def install(model: keras.Model, mode: str, arch: str | None = None) -> list[str]
     for layer in model.layers:
         if isinstance(layer, wrapper_cls) and isinstance(layer.layer, keras.layers.Multiply):
             if _install_product(layer, model, mode, arch):
+                done.append(layer.name)
+            continue
+        if isinstance(layer, wrapper_cls) and isinstance(layer.layer, GLOBAL_AVERAGE_POOLS):
+            if _install_mean(layer, model, mode, arch):
+                done.append(layer.name)
+            continue
+        if isinstance(layer, wrapper_cls) and isinstance(layer.layer, layer_kinds.AVERAGE_POOLS):
+            if _install_pool(layer, model):
                 done.append(layer.name)
             continue
         row = layer_kinds.weighted(layer.layer) if isinstance(layer, wrapper_cls) else None
