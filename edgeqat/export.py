@@ -13,7 +13,7 @@ import numpy as np
 from edgeqat import requant
 from edgeqat.graph import input_quantizers, input_scale, wrapper_classes
 from edgeqat.keras import keras
-from edgeqat.layer_kinds import AVERAGE_POOLS
+from edgeqat.layer_kinds import AVERAGE_POOLS, GLOBAL_AVERAGE_POOLS
 from edgeqat.modes import Mode
 from edgeqat.quantizers import NEAR_ZERO, Quantizer
 
@@ -103,10 +103,6 @@ def share_scale_ranges(qat_model: keras.Model) -> int:
             v["min"].assign(lo)
             v["max"].assign(hi)
     return changed
-
-
-GLOBAL_AVERAGE_POOLS = (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D,
-                        keras.layers.GlobalAveragePooling3D)
 
 
 def identity_pool_ranges(qat_model: keras.Model) -> int:

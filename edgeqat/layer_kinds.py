@@ -101,6 +101,8 @@ PASSTHROUGH = (
 # onto that grid: its output is quantized, on its input's range at export
 # (``export.share_scale_ranges``), rounded as the kernel rounds (``requant.install``).
 AVERAGE_POOLS = (L.AveragePooling1D, L.AveragePooling2D)
+GLOBAL_AVERAGE_POOLS = (L.GlobalAveragePooling1D, L.GlobalAveragePooling2D,
+                        L.GlobalAveragePooling3D)
 
 OUTPUT_ONLY = (
     L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum, L.Concatenate,

@@ -222,30 +222,35 @@ class KernelRounding(hooks.Hook):
         return self.quantizer(inputs, training, weights, **kwargs)
 
 
+def _int8_site(wrapper, model: keras.Model, inputs: int):
+    """``(input owners, output quantizer)`` of ``wrapper`` when it has ``inputs`` inputs
+    and an output, each quantized by an 8-bit edgeqat ``Quantizer`` (an input's producer
+    may already round as its kernel does: its hook is looked through); else None."""
+    owners = input_quantizers(wrapper, model)
+    if len(owners) != inputs or any(o is None for o in owners) or \
+            not getattr(wrapper, "_output_quantizers", None):
+        return None
+    oq = wrapper._output_quantizers[0]
+    if not all(isinstance(hooks.bare(q), Quantizer) and q.num_bits == 8
+               for q in (oq, *(q for q, _ in owners))):
+        return None
+    return owners, oq
+
+
 def _install_product(wrapper, model: keras.Model, mode: str, arch: str) -> bool:
     """An 8-bit ``Multiply`` of two quantized inputs (squeeze-excite, swish's
     ``x * sigmoid(x)``) is TFLite's MUL: ``(a - za) * (b - zb)`` exactly, requantized by
     ``s_a * s_b / s_out``; where XNNPACK's rounding is emulated (``xnnpack_fp32``) the
     product rounds as its MUL does. Returns whether a hook was installed."""
-    owners = input_quantizers(wrapper, model)
-    if len(owners) != 2 or any(o is None for o in owners) or \
-            not getattr(wrapper, "_output_quantizers", None):
+    site = _int8_site(wrapper, model, 2)
+    if site is None or rule_for(mode, 8, arch) != "xnnpack_fp32":
         return False
-    oq = wrapper._output_quantizers[0]
-    quantizers = [hooks.bare(q) for q in (oq, *(q for q, _ in owners))]  # an input's
-    # producer may already round as its kernel does
-    if not all(isinstance(q, Quantizer) and q.num_bits == 8 for q in quantizers) or \
-            rule_for(mode, 8, arch) != "xnnpack_fp32":
-        return False
-    (qa, va), (qb, vb) = owners
+    ((qa, va), (qb, vb)), oq = site
     grid = widened(qa.scale(va)) * widened(qb.scale(vb))
     hooks.install(hooks.Slot(wrapper, "output"),
                   KernelRounding(oq, "xnnpack_fp32", grid,
                                  oq.scale(wrapper._output_quantizer_vars)))
     return True
-
-
-GLOBAL_AVERAGE_POOLS = (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D)
 
 
 def _install_mean(wrapper, model: keras.Model, mode: str, arch: str) -> bool:
@@ -254,17 +259,14 @@ def _install_mean(wrapper, model: keras.Model, mode: str, arch: str) -> bool:
     to even after adding the output zero point in float32 (measured on x86_64: every
     output of 512 samples; the builtin kernel differs on 8%). Returns whether a hook was
     installed."""
-    owners = input_quantizers(wrapper, model)
-    if len(owners) != 1 or owners[0] is None or \
-            not getattr(wrapper, "_output_quantizers", None):
-        return False
-    (q_in, v_in), oq = owners[0], wrapper._output_quantizers[0]
+    site = _int8_site(wrapper, model, 1)
     spatial = tuple(wrapper.input_shape)[1:-1]
-    if wrapper.layer.data_format == "channels_first" or any(d is None for d in spatial):
-        return False
+    if site is None or wrapper.layer.data_format == "channels_first" or len(spatial) > 2 \
+            or any(d is None for d in spatial) or rule_for(mode, 8, arch) != "xnnpack_fp32":
+        return False  # (a 3-D pooling's MEAN was not measured)
+    ((q_in, v_in),), oq = site
     n = int(np.prod(spatial))
-    if n < 2 or not all(isinstance(hooks.bare(q), Quantizer) and q.num_bits == 8
-                        for q in (q_in, oq)) or rule_for(mode, 8, arch) != "xnnpack_fp32":
+    if n < 2:
         return False
     v_out = wrapper._output_quantizer_vars
     if not {"min", "max"} <= set(v_out):
@@ -300,19 +302,18 @@ class PoolRounding(hooks.Hook):
         return self.quantizer(inputs, training, weights, **kwargs)
 
 
-def _install_pool(wrapper, model: keras.Model) -> bool:
+def _install_pool(wrapper, model: keras.Model, mode: str, arch: str) -> bool:
     """An 8-bit average pooling with valid padding whose output range is its input's
     (``export.share_scale_ranges``): every window holds ``prod(pool_size)`` values, and
     the output rounds as the int8 kernel's (the builtin one; measured on x86_64, the same
-    integer code on every CPU). Returns whether a hook was installed."""
-    owners = input_quantizers(wrapper, model)
-    if len(owners) != 1 or owners[0] is None or \
-            not getattr(wrapper, "_output_quantizers", None) or wrapper.layer.padding != "valid":
+    integer code on every CPU, so ``mode`` and ``arch`` do not matter). Returns whether a
+    hook was installed."""
+    site = _int8_site(wrapper, model, 1)
+    if site is None or wrapper.layer.padding != "valid":
         return False
-    (q_in, v_in), oq, v_out = owners[0], wrapper._output_quantizers[0], \
-        wrapper._output_quantizer_vars
-    if not all(isinstance(hooks.bare(q), Quantizer) and q.num_bits == 8 for q in (q_in, oq)) \
-            or not ({"min", "max"} <= set(v_in) and {"min", "max"} <= set(v_out)):
+    ((q_in, v_in),), oq = site
+    v_out = wrapper._output_quantizer_vars
+    if not ({"min", "max"} <= set(v_in) and {"min", "max"} <= set(v_out)):
         return False
     grid_in, grid_out = ([int8_grid(float(v["min"].numpy()), float(v["max"].numpy()))
                           for v in (v_in, v_out)])
@@ -321,6 +322,12 @@ def _install_pool(wrapper, model: keras.Model) -> bool:
     hooks.install(hooks.Slot(wrapper, "output"),
                   PoolRounding(oq, grid_out, int(np.prod(wrapper.layer.pool_size))))
     return True
+
+
+# Unweighted layers whose int8 op's rounding is emulated: (Keras classes, installer).
+_UNWEIGHTED_SITES = ((keras.layers.Multiply, _install_product),
+                     (layer_kinds.GLOBAL_AVERAGE_POOLS, _install_mean),
+                     (layer_kinds.AVERAGE_POOLS, _install_pool))
 
 
 def _output_site(wrapper):
@@ -422,19 +429,13 @@ def install(model: keras.Model, mode: str, arch: str | None = None) -> list[str]
     wrapper_cls, _ = wrapper_classes()
     done = []
     for layer in model.layers:
-        if isinstance(layer, wrapper_cls) and isinstance(layer.layer, keras.layers.Multiply):
-            if _install_product(layer, model, mode, arch):
+        inner = layer.layer if isinstance(layer, wrapper_cls) else None
+        site = next((f for kinds, f in _UNWEIGHTED_SITES if isinstance(inner, kinds)), None)
+        if site is not None:
+            if site(layer, model, mode, arch):
                 done.append(layer.name)
             continue
-        if isinstance(layer, wrapper_cls) and isinstance(layer.layer, GLOBAL_AVERAGE_POOLS):
-            if _install_mean(layer, model, mode, arch):
-                done.append(layer.name)
-            continue
-        if isinstance(layer, wrapper_cls) and isinstance(layer.layer, layer_kinds.AVERAGE_POOLS):
-            if _install_pool(layer, model):
-                done.append(layer.name)
-            continue
-        row = layer_kinds.weighted(layer.layer) if isinstance(layer, wrapper_cls) else None
+        row = layer_kinds.weighted(inner) if inner is not None else None
         if row is None or not row.kernel_rounding or not layer._weight_vars:
             continue
         kernel, wq, wvars = layer._weight_vars[0]

@@ -41,26 +41,22 @@ def transformer_block():
 
 
 APPS = keras.applications
-# Every architecture benchmarks/applications.py measures, at small input sizes (keyword
-# arguments go to the keras.applications builder).
+# Every architecture benchmarks/applications.py measures, at small input sizes.
 MODELS = {
-    "MobileNetV2": lambda **kw: APPS.MobileNetV2((32, 32, 3), alpha=0.35, weights=None,
-                                                 classes=10, **kw),
-    "MobileNetV3Small": lambda **kw: APPS.MobileNetV3Small((32, 32, 3), alpha=0.75,
-                                                           weights=None, classes=10, **kw),
-    "MobileNetV3Large": lambda **kw: APPS.MobileNetV3Large((32, 32, 3), alpha=0.75,
-                                                           weights=None, classes=10, **kw),
-    "EfficientNetB0": lambda **kw: APPS.EfficientNetB0(weights=None, input_shape=(32, 32, 3),
-                                                       classes=10, **kw),
-    "EfficientNetV2B0": lambda **kw: APPS.EfficientNetV2B0(weights=None,
-                                                           input_shape=(32, 32, 3),
-                                                           classes=10, **kw),
-    "ResNet50": lambda **kw: APPS.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10,
-                                           **kw),
-    "DenseNet121": lambda **kw: APPS.DenseNet121(weights=None, input_shape=(32, 32, 3),
-                                                 classes=10, **kw),
-    "ConvNeXtTiny": lambda **kw: APPS.ConvNeXtTiny(weights=None, input_shape=(32, 32, 3),
-                                                   classes=10, **kw),
+    "MobileNetV2": lambda: APPS.MobileNetV2((32, 32, 3), alpha=0.35, weights=None, classes=10),
+    "MobileNetV3Small": lambda: APPS.MobileNetV3Small((32, 32, 3), alpha=0.75, weights=None,
+                                                      classes=10),
+    "MobileNetV3Large": lambda: APPS.MobileNetV3Large((32, 32, 3), alpha=0.75, weights=None,
+                                                      classes=10),
+    "EfficientNetB0": lambda: APPS.EfficientNetB0(weights=None, input_shape=(32, 32, 3),
+                                                  classes=10),
+    "EfficientNetV2B0": lambda: APPS.EfficientNetV2B0(weights=None, input_shape=(32, 32, 3),
+                                                      classes=10),
+    "ResNet50": lambda: APPS.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10),
+    "DenseNet121": lambda: APPS.DenseNet121(weights=None, input_shape=(32, 32, 3),
+                                            classes=10),
+    "ConvNeXtTiny": lambda: APPS.ConvNeXtTiny(weights=None, input_shape=(32, 32, 3),
+                                              classes=10),
     "Conv1D": lambda: models.mnist1d_cnn((40, 1), 10),
     "Transformer": transformer_block,
 }
